@@ -1,0 +1,152 @@
+"""The ``rtchat`` command: run a node, check a config, or run the load generator.
+
+Builds the object graph (config -> broker -> hub -> app -> server), serves,
+and on SIGTERM/SIGINT drains in a fixed order: readiness off, streams closed
+spread over ``shutdown.drain_seconds``, server stopped, broker closed, exit 0.
+Signal handlers only set a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from rtchat import __version__
+from rtchat import config as config_mod
+
+log = logging.getLogger("rtchat")
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "check-config":
+        return check_config(args[1:])
+    if args and args[0] == "bench":
+        from rtchat import bench
+
+        return bench.main(args[1:])
+    return run(args)
+
+
+def check_config(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rtchat check-config",
+        description="Validate a config file (with RTCHAT_* overrides) and print the effective config.")
+    parser.add_argument("path", help="YAML config file")
+    ns = parser.parse_args(args)
+    try:
+        cfg = config_mod.load(ns.path, os.environ)
+    except config_mod.ConfigError as e:
+        print(f"rtchat: invalid config: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(config_mod.dump(cfg))
+    return 0
+
+
+def run(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rtchat",
+        description="Run an rtchat node. Subcommands: 'rtchat check-config PATH', 'rtchat bench ...'.")
+    parser.add_argument("--config", help="YAML config file (default: $RTCHAT_CONFIG, else built-in)")
+    parser.add_argument("--host", help="listen address (overrides http.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides http.port)")
+    parser.add_argument("--version", action="version", version=f"rtchat {__version__}")
+    ns = parser.parse_args(args)
+    overrides: dict[str, object] = {}
+    if ns.host is not None:
+        overrides["http.host"] = ns.host
+    if ns.port is not None:
+        overrides["http.port"] = ns.port
+    path = ns.config or os.environ.get(config_mod.CONFIG_ENV) or None
+    try:
+        cfg = config_mod.load(path, os.environ, overrides)
+    except config_mod.ConfigError as e:
+        print(f"rtchat: invalid config: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from rtchat import log as log_mod
+
+    log_mod.setup(cfg.logging.level, cfg.logging.format)
+    _use_uvloop()
+    try:
+        return asyncio.run(serve(cfg, path))
+    except OSError as e:
+        log.error("cannot serve on %s:%s: %s", cfg.http.host, cfg.http.port, e.strerror or e)
+        return 1
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop  # optional: rtchat[fast]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(cfg: config_mod.Config, path: str | None) -> int:
+    from tornado.httpserver import HTTPServer
+
+    from rtchat.app import make_app
+    from rtchat.broker import make_broker
+    from rtchat.hub import Hub
+    from rtchat.metrics import Metrics
+
+    node_id = cfg.node_id
+    metrics = Metrics()
+    broker = make_broker(cfg, node_id)
+    metrics.watch_broker(broker.status)
+    hub = Hub(cfg, broker, metrics, node_id)
+    log.info("starting node %s (rtchat %s, %s broker, config %s)",
+             node_id, __version__, broker.kind, path or "built-in defaults")
+    await hub.start()
+    app = make_app(cfg, hub, metrics)
+    server = HTTPServer(
+        app,
+        xheaders=cfg.http.xheaders,
+        # The handler answers 413 itself up to this; beyond it tornado drops the request.
+        max_body_size=max(cfg.limits.max_body_bytes * 4, 1 << 20),
+        idle_connection_timeout=3600,
+    )
+    try:
+        sockets = _bind(cfg)
+    except OSError:
+        await hub.close()
+        raise
+    server.add_sockets(sockets)
+    ports = sorted({s.getsockname()[1] for s in sockets})
+    log.info("listening on http://%s:%s", cfg.http.host, ",".join(map(str, ports)))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: readiness off, closing %d streams over %.1fs",
+             hub.client_count, cfg.shutdown.drain_seconds)
+    hub.draining = True
+    await hub.drain(cfg.shutdown.drain_seconds)
+    server.stop()
+    await server.close_all_connections()
+    await hub.close()
+    log.info("stopped")
+    return 0
+
+
+def _bind(cfg: config_mod.Config) -> list:
+    from tornado.netutil import bind_sockets
+
+    host = cfg.http.host
+    return bind_sockets(cfg.http.port, None if host in ("", "0.0.0.0", "*") else host,
+                        backlog=4096)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The web application: one route table, templates, and the handler context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+import tornado.web
+
+from rtchat import __version__
+from rtchat.config import Config
+from rtchat.handlers.base import AppContext, NotFoundHandler
+from rtchat.handlers.events import EventStreamHandler
+from rtchat.handlers.health import HealthHandler, MetricsHandler, ReadyHandler
+from rtchat.handlers.messages import MessagesHandler, PresenceHandler
+from rtchat.handlers.pages import ChatPageHandler
+from rtchat.hub import Hub
+from rtchat.metrics import Metrics
+from rtchat.ratelimit import RateLimiter
+
+ROOM = r"([^/]+)"
+
+
+def templates_dir() -> Path:
+    """Installed: ``rtchat/templates``; in a source checkout: the top-level ``templates/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "chat.html").is_file():
+            return candidate
+    raise FileNotFoundError("rtchat templates not found (is the package installed correctly?)")
+
+
+def make_templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def make_app(cfg: Config, hub: Hub, metrics: Metrics) -> tornado.web.Application:
+    ctx = AppContext(
+        cfg=cfg,
+        hub=hub,
+        metrics=metrics,
+        templates=make_templates(),
+        send_limiter=RateLimiter(cfg.limits.rate.messages_per_second, cfg.limits.rate.burst),
+        version=__version__,
+    )
+    args = {"ctx": ctx}
+    routes: list[tornado.web.URLSpec | tuple] = [
+        (r"/", ChatPageHandler, args),
+        (rf"/rooms/{ROOM}", ChatPageHandler, args),
+        (rf"/rooms/{ROOM}/events", EventStreamHandler, args),
+        (rf"/rooms/{ROOM}/messages", MessagesHandler, args),
+        (rf"/rooms/{ROOM}/presence", PresenceHandler, args),
+        (r"/healthz", HealthHandler, args),
+        (r"/readyz", ReadyHandler, args),
+        (r"/metrics", MetricsHandler, args),
+    ]
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=args,
+        compress_response=False,  # never gzip an event stream
+    )

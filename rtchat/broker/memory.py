@@ -1,0 +1,124 @@
+"""The embedded in-process broker: the single-node default.
+
+Owns per-room history (bounded by ``history.size``, expired after
+``history.ttl_seconds`` of silence) and the id sequence. Delivery is a plain
+synchronous call into the hub, so it can neither lag nor lose anything; the
+``prev`` chain is kept anyway so resume logic is the same as on Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtchat.broker.base import Deliver, NodeStats, Presence, Published, Replay
+from rtchat.config import Config
+from rtchat.messages import Message, id_key
+
+
+@dataclass
+class _Room:
+    messages: deque[Message]
+    last_ms: int = 0
+    last_seq: int = -1
+    touched: float = field(default_factory=time.monotonic)
+
+
+class MemoryBroker:
+    kind = "memory"
+
+    def __init__(self, cfg: Config, node_id: str) -> None:
+        self._size = cfg.history.size
+        self._ttl = cfg.history.ttl_seconds
+        self._node_id = node_id
+        self._rooms: dict[str, _Room] = {}
+        self._subscribed: set[str] = set()
+        self._presence: dict[str, dict[str, int]] = {}
+        self._deliver: Deliver | None = None
+        self._node_stats: NodeStats | None = None
+
+    async def start(self, deliver: Deliver, node_stats: NodeStats) -> None:
+        self._deliver = deliver
+        self._node_stats = node_stats
+
+    async def close(self) -> None:
+        self._deliver = None
+
+    def _room(self, room: str) -> _Room | None:
+        state = self._rooms.get(room)
+        if state is not None and time.monotonic() - state.touched > self._ttl:
+            # Expired like a Redis key with a TTL; the id sequence goes on.
+            state.messages.clear()
+        return state
+
+    async def publish(self, room: str, nick: str, text: str) -> Published:
+        state = self._room(room)
+        if state is None:
+            state = self._rooms[room] = _Room(deque(maxlen=self._size))
+        now_ms = int(time.time() * 1000)
+        if now_ms > state.last_ms:
+            state.last_ms, state.last_seq = now_ms, 0
+        else:
+            state.last_seq += 1
+        prev = state.messages[-1].id if state.messages else ""
+        msg = Message(
+            id=f"{state.last_ms}-{state.last_seq}", room=room, nick=nick, text=text,
+            ts=time.time(), node=self._node_id, prev=prev,
+        )
+        state.messages.append(msg)
+        state.touched = time.monotonic()
+        if room in self._subscribed and self._deliver is not None:
+            self._deliver(msg)
+        return Published(msg, replicated=None)
+
+    async def history(self, room: str, limit: int) -> list[Message]:
+        state = self._room(room)
+        if state is None or limit <= 0:
+            return []
+        msgs = state.messages
+        return list(msgs)[-limit:] if len(msgs) > limit else list(msgs)
+
+    async def read_since(self, room: str, last_id: str) -> Replay:
+        state = self._room(room)
+        msgs = list(state.messages) if state is not None else []
+        key = id_key(last_id)
+        after = [m for m in msgs if m.key > key]
+        oldest = msgs[0].id if msgs else ""
+        # The prev chain proves continuity; with nothing newer, the id must be the newest held.
+        ok = after[0].prev == last_id if after else bool(msgs) and msgs[-1].id == last_id
+        return Replay(after, truncated=not ok, oldest=oldest)
+
+    async def subscribe(self, room: str) -> None:
+        self._subscribed.add(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self._subscribed.discard(room)
+
+    async def set_presence(self, room: str, nicks: Mapping[str, int]) -> None:
+        if nicks:
+            self._presence[room] = dict(nicks)
+        else:
+            self._presence.pop(room, None)
+
+    async def presence(self, room: str) -> Presence:
+        nicks = self._presence.get(room, {})
+        return Presence(count=sum(nicks.values()), nicks=sorted(n for n in nicks if n))
+
+    async def cluster_nodes(self) -> list[dict[str, Any]]:
+        stats = dict(self._node_stats()) if self._node_stats else {}
+        stats.setdefault("id", self._node_id)
+        stats.setdefault("pid", os.getpid())
+        stats["last_seen"] = time.time()
+        stats["endpoint"] = "embedded"
+        return [stats]
+
+    def readiness(self) -> list[str]:
+        return [] if self._deliver is not None else ["broker not started"]
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "memory", "master": None, "subscribed_endpoint": None,
+                "endpoints": [], "failovers": [], "failover_count": 0}

@@ -1,0 +1,1 @@
+"""Tornado request handlers: pages, the send and history API, SSE streams, health, metrics."""

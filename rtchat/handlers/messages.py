@@ -1,0 +1,93 @@
+"""The room API: send a message, read recent history, read presence."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rtchat.broker.base import BrokerUnavailable
+from rtchat.handlers.base import ApiHandler
+from rtchat.messages import InvalidMessage, valid_room, validate_input
+from rtchat.ratelimit import RateLimiter
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+class RoomApiHandler(ApiHandler):
+    def check_room(self, room: str) -> None:
+        if not valid_room(room):
+            raise self.reject(400, "bad_room", "room names are 1-64 of A-Z a-z 0-9 _ -")
+
+
+class MessagesHandler(RoomApiHandler):
+    """``POST`` sends (201 once stored), ``GET`` reads recent history, oldest first."""
+
+    async def post(self, room: str) -> None:
+        self.check_room(room)
+        limits = self.ctx.cfg.limits
+        if not self.origin_allowed():
+            raise self.reject(403, "forbidden_origin", "cross-origin sends are not allowed")
+        if len(self.request.body) > limits.max_body_bytes:
+            raise self.reject(413, "body_too_large",
+                              f"request body is larger than {limits.max_body_bytes} bytes")
+        nick, text = self._fields()
+        try:
+            nick, text = validate_input(nick, text, limits.max_nick_chars, limits.max_message_bytes)
+        except InvalidMessage as e:
+            raise self.reject(e.status, e.code, str(e)) from None
+        wait = self.ctx.send_limiter.take(self.client_address)
+        if wait > 0:
+            raise self.reject(429, "rate_limited", "too many messages; slow down",
+                              retry_after=RateLimiter.retry_after(wait))
+        try:
+            published = await self.ctx.hub.publish(room, nick, text)
+        except BrokerUnavailable as e:
+            raise self.reject(503, "broker_unavailable", f"message not stored: {e.reason}",
+                              retry_after=e.retry_after) from None
+        body: dict[str, Any] = {"id": published.message.id}
+        if published.replicated is not None:
+            body["replicated"] = published.replicated
+        self.write_json(body, status=201)
+
+    def _fields(self) -> tuple[Any, Any]:
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype in FORM_TYPES:
+            return self.get_body_argument("nick", None), self.get_body_argument("text", None)
+        if ctype not in ("", "application/json", "text/plain"):
+            raise self.reject(415, "unsupported_media_type",
+                              "send JSON {\"nick\", \"text\"} or a form")
+        try:
+            data = json.loads(self.request.body or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise self.reject(400, "bad_json", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise self.reject(400, "bad_json", "the body must be a JSON object")
+        return data.get("nick"), data.get("text")
+
+    async def get(self, room: str) -> None:
+        self.check_room(room)
+        size = self.ctx.cfg.history.size
+        raw = self.get_query_argument("limit", "50")
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= size:
+            raise self.reject(400, "bad_limit", f"limit must be an integer from 1 to {size}")
+        try:
+            history = await self.ctx.hub.broker.history(room, limit)
+        except BrokerUnavailable as e:
+            raise self.reject(503, "broker_unavailable", e.reason, retry_after=e.retry_after) from None
+        self.write_json({"messages": [m.public_dict() for m in history]})
+
+
+class PresenceHandler(RoomApiHandler):
+    async def get(self, room: str) -> None:
+        self.check_room(room)
+        try:
+            presence = await self.ctx.hub.broker.presence(room)
+        except BrokerUnavailable as e:
+            raise self.reject(503, "broker_unavailable", e.reason, retry_after=e.retry_after) from None
+        self.write_json({"room": room, "count": presence.count,
+                         "nicks": [n for n in presence.nicks if n]})
+

@@ -1,0 +1,30 @@
+"""The chat page: recent history rendered in, live messages over EventSource."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from rtchat.broker.base import BrokerUnavailable
+from rtchat.handlers.base import PageHandler
+from rtchat.messages import valid_room
+
+PAGE_HISTORY = 50
+
+
+class ChatPageHandler(PageHandler):
+    async def get(self, room: str = "lobby") -> None:
+        if not valid_room(room):
+            raise tornado.web.HTTPError(404)
+        try:
+            history = await self.ctx.hub.broker.history(room, PAGE_HISTORY)
+        except BrokerUnavailable:
+            history = []  # the page still works; the stream catches up when the broker is back
+        self.set_header("Cache-Control", "no-store")
+        self.render_page(
+            "chat.html",
+            room=room,
+            history=[m.public_dict() for m in history],
+            last_id=history[-1].id if history else "",
+            max_message_bytes=self.ctx.cfg.limits.max_message_bytes,
+            max_nick_chars=self.ctx.cfg.limits.max_nick_chars,
+        )

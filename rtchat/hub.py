@@ -1,0 +1,368 @@
+"""The hub: rooms, their local streams, and the one fan-out path.
+
+Owns: which rooms have local clients (subscribe on first, unsubscribe on
+last after a short delay, roll back a failed subscribe), each client's
+bounded outbox, slow-client eviction, heartbeats, presence, and the drain on
+shutdown. The broker hands it messages through :meth:`Hub.deliver`; the SSE
+handler drains a :class:`Stream`. It knows the Broker protocol, never
+tornado or redis.
+
+The fan-out never awaits: each message is framed once, and the same bytes
+are appended to every stream of the room. A stream whose backlog passes
+``sse.max_queue`` is closed; its client resumes with Last-Event-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtchat import sse
+from rtchat.broker.base import Broker, Published
+from rtchat.config import Config
+from rtchat.messages import Message, id_key
+from rtchat.metrics import Metrics
+
+log = logging.getLogger("rtchat.hub")
+
+UNSUBSCRIBE_DELAY = 2.0  # seconds an empty room stays subscribed, so reconnect churn stays local
+PRESENCE_REFRESH = 2.0  # seconds between cluster-wide presence reads for local rooms
+
+
+class Stream:
+    """One SSE client's outbox. ``push`` never blocks; ``next_batch`` is awaited by its handler."""
+
+    __slots__ = (
+        "_key_skip", "_queue", "_waiter", "abort", "close_reason", "closed", "connected_at",
+        "id", "last_event_id", "max_queue", "nick", "remote", "room", "user_agent",
+    )
+
+    def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.room = room
+        self.nick = nick
+        self.remote = remote
+        self.user_agent = user_agent
+        self.connected_at = time.time()
+        self.last_event_id = ""
+        self.max_queue = max_queue
+        self.closed = False
+        self.close_reason = ""
+        # Called (once) when the stream must drop its connection without a goodbye.
+        self.abort: Callable[[], None] | None = None
+        self._queue: deque[tuple[bytes, str | None]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._key_skip: tuple[int, int] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def push(self, frame: bytes, message_id: str | None = None,
+             key: tuple[int, int] | None = None) -> bool:
+        """Queue a frame. Returns False when that overflowed the queue and closed the stream."""
+        if self.closed:
+            return True
+        if key is not None and self._key_skip is not None:
+            if key <= self._key_skip:
+                return True  # already sent during catch-up
+            self._key_skip = None
+        if len(self._queue) >= self.max_queue:
+            self.close("slow_client", abort=True)
+            return False
+        self._queue.append((frame, message_id))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def skip_through(self, message_id: str) -> None:
+        """Drop queued and future messages up to ``message_id``: the catch-up already sent them."""
+        key = id_key(message_id)
+        self._key_skip = key
+        self._queue = deque(
+            (f, mid) for f, mid in self._queue if mid is None or id_key(mid) > key)
+        if any(mid is not None for _, mid in self._queue):
+            self._key_skip = None
+
+    async def next_batch(self) -> bytes | None:
+        """Everything queued, as one write; None once the stream is closed and empty."""
+        while not self._queue:
+            if self.closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        queue = self._queue
+        if len(queue) == 1:
+            frame, mid = queue.popleft()
+            if mid is not None:
+                self.last_event_id = mid
+            return frame
+        frames = []
+        for frame, mid in queue:
+            frames.append(frame)
+            if mid is not None:
+                self.last_event_id = mid
+        queue.clear()
+        return b"".join(frames)
+
+    def close(self, reason: str, abort: bool = False) -> None:
+        """End the stream. ``abort`` also drops the connection (the client cannot keep up)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if abort:
+            self._queue.clear()
+            if self.abort is not None:
+                self.abort()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "room": self.room, "nick": self.nick, "remote": self.remote,
+            "user_agent": self.user_agent, "connected_at": self.connected_at,
+            "last_event_id": self.last_event_id, "queue": len(self._queue),
+        }
+
+
+@dataclass
+class _Room:
+    ready: asyncio.Future[None]
+    streams: set[Stream] = field(default_factory=set)
+    unsubscribe_timer: asyncio.TimerHandle | None = None
+    presence_count: int = -1
+
+
+class Hub:
+    """Rooms with local clients, fed by the broker. Build one per node in ``main()``."""
+
+    def __init__(self, cfg: Config, broker: Broker, metrics: Metrics, node_id: str) -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.metrics = metrics
+        self.node_id = node_id
+        self.started_at = time.time()
+        self.draining = False
+        self.messages_in = 0  # messages this node stored for its clients' POSTs
+        self.messages_out = 0  # message frames queued to this node's streams
+        self._rooms: dict[str, _Room] = {}
+        self._streams: dict[str, Stream] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._presence_dirty: set[str] = set()
+        self._presence_wakeup = asyncio.Event()
+        self._all_gone = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self.deliver, self.node_stats)
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"),
+            asyncio.create_task(self._presence_loop(), name="hub-presence"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for stream in list(self._streams.values()):
+            stream.close("shutdown")
+        await self.broker.close()
+
+    async def drain(self, seconds: float) -> None:
+        """Close every stream at a random moment within ``seconds``; return when all are gone."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        for stream in list(self._streams.values()):
+            loop.call_later(random.uniform(0, seconds), stream.close, "shutdown")
+        if self._streams:
+            self._all_gone.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), seconds + 2.0)
+
+    # -- streams -------------------------------------------------------------
+
+    @property
+    def client_count(self) -> int:
+        return len(self._streams)
+
+    def streams(self) -> list[Stream]:
+        return list(self._streams.values())
+
+    def disconnect(self, client_id: str) -> bool:
+        stream = self._streams.get(client_id)
+        if stream is None:
+            return False
+        stream.close("admin_disconnect")
+        return True
+
+    @contextlib.asynccontextmanager
+    async def connect(self, room: str, nick: str, remote: str, user_agent: str
+                      ) -> AsyncIterator[Stream]:
+        """Register a stream in ``room``; live messages queue from the moment this enters.
+
+        Raises BrokerUnavailable when the room cannot be subscribed.
+        """
+        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue)
+        await self._join(stream)
+        try:
+            yield stream
+        finally:
+            stream.close(stream.close_reason or "client_gone")
+            self._leave(stream)
+
+    async def _join(self, stream: Stream) -> None:
+        state = self._rooms.get(stream.room)
+        if state is None:
+            state = _Room(ready=asyncio.get_running_loop().create_future())
+            self._rooms[stream.room] = state
+            try:
+                await self.broker.subscribe(stream.room)
+            except BaseException as e:
+                # Roll back: the next client tries again from scratch.
+                del self._rooms[stream.room]
+                state.ready.set_exception(e)
+                state.ready.exception()  # mark retrieved; waiters re-raise it themselves
+                raise
+            state.ready.set_result(None)
+        else:
+            if state.unsubscribe_timer is not None:
+                state.unsubscribe_timer.cancel()
+                state.unsubscribe_timer = None
+            await asyncio.shield(state.ready)
+        state.streams.add(stream)
+        self._streams[stream.id] = stream
+        self.metrics.clients.set(len(self._streams))
+        self._mark_presence(stream.room)
+
+    def _leave(self, stream: Stream) -> None:
+        if self._streams.pop(stream.id, None) is None:
+            return
+        if not self._streams:
+            self._all_gone.set()
+        self.metrics.clients.set(len(self._streams))
+        if stream.close_reason == "slow_client":
+            self.metrics.evicted.inc()
+        state = self._rooms.get(stream.room)
+        if state is None:
+            return
+        state.streams.discard(stream)
+        self._mark_presence(stream.room)
+        if not state.streams and state.unsubscribe_timer is None:
+            state.unsubscribe_timer = asyncio.get_running_loop().call_later(
+                UNSUBSCRIBE_DELAY, self._unsubscribe_if_empty, stream.room)
+
+    def _unsubscribe_if_empty(self, room: str) -> None:
+        state = self._rooms.get(room)
+        if state is None or state.streams:
+            return
+        del self._rooms[room]
+        task = asyncio.create_task(self.broker.unsubscribe(room), name=f"unsubscribe-{room}")
+        task.add_done_callback(_log_failure)
+
+    # -- fan-out ---------------------------------------------------------------
+
+    def deliver(self, msg: Message) -> None:
+        """Called by the broker for each message of a subscribed room, in order. Never awaits."""
+        state = self._rooms.get(msg.room)
+        if state is None or not state.streams:
+            return
+        frame = sse.message(msg.id, msg.public_json())
+        mid = msg.id
+        key = msg.key
+        streams = tuple(state.streams)
+        for stream in streams:
+            stream.push(frame, mid, key)
+        self.messages_out += len(streams)
+        self.metrics.delivered.inc(len(streams))
+        self.metrics.fanout_latency.observe(max(0.0, time.time() - msg.ts))
+
+    async def publish(self, room: str, nick: str, text: str) -> Published:
+        published = await self.broker.publish(room, nick, text)
+        self.messages_in += 1
+        self.metrics.published.inc()
+        return published
+
+    # -- heartbeats and presence ---------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.cfg.sse.heartbeat_seconds
+        while True:
+            await asyncio.sleep(interval)
+            for stream in tuple(self._streams.values()):
+                stream.push(sse.PING)
+
+    def _mark_presence(self, room: str) -> None:
+        self._presence_dirty.add(room)
+        self._presence_wakeup.set()
+
+    async def _presence_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + PRESENCE_REFRESH
+        while True:
+            timeout = max(0.0, next_full - loop.time())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._presence_wakeup.wait(), timeout)
+            self._presence_wakeup.clear()
+            dirty, self._presence_dirty = self._presence_dirty, set()
+            if loop.time() >= next_full:
+                next_full = loop.time() + PRESENCE_REFRESH
+                dirty |= set(self._rooms)
+            for room in dirty:
+                try:
+                    await self._refresh_presence(room)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the broker is down: presence waits for it
+                    log.debug("presence refresh for %s failed: %s", room, e)
+
+    async def _refresh_presence(self, room: str) -> None:
+        state = self._rooms.get(room)
+        nicks = Counter(s.nick for s in state.streams) if state is not None else Counter()
+        await self.broker.set_presence(room, nicks)
+        state = self._rooms.get(room)
+        if state is None or not state.streams:
+            return
+        presence = await self.broker.presence(room)
+        if presence.count != state.presence_count:
+            state.presence_count = presence.count
+            frame = sse.json_event("presence", {"room": room, "count": presence.count})
+            for stream in tuple(state.streams):
+                stream.push(frame)
+
+    # -- node view -----------------------------------------------------------------------
+
+    def node_stats(self) -> dict[str, Any]:
+        """This node's heartbeat payload, shown on every node's admin page."""
+        return {
+            "id": self.node_id,
+            "address": f"{self.cfg.http.host}:{self.cfg.http.port}",
+            "clients": len(self._streams),
+            "rooms": len(self._rooms),
+            "started_at": self.started_at,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "draining": self.draining,
+        }
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed: %s", task.get_name(), task.exception())
