@@ -314,12 +314,15 @@ class Hub:
         self._presence_wakeup.set()
 
     async def _presence_loop(self) -> None:
+        """Refresh presence for rooms that changed here at once, and for every room now and then."""
         loop = asyncio.get_running_loop()
         next_full = loop.time() + PRESENCE_REFRESH
         while True:
-            timeout = max(0.0, next_full - loop.time())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._presence_wakeup.wait(), timeout)
+            timer = loop.call_at(next_full, self._presence_wakeup.set)
+            try:
+                await self._presence_wakeup.wait()
+            finally:
+                timer.cancel()
             self._presence_wakeup.clear()
             dirty, self._presence_dirty = self._presence_dirty, set()
             if loop.time() >= next_full:

@@ -1,0 +1,219 @@
+"""Shared fixtures: real rtchat nodes (in-process or as processes) on free ports.
+
+Fixtures are factories: ``start_node(**config)`` in a test's own loop,
+``spawn_node(env=...)`` for the real ``rtchat`` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+from tornado.httpserver import HTTPServer
+
+from rtchat import config as config_mod
+from rtchat.app import make_app
+from rtchat.broker import make_broker
+from rtchat.hub import Hub
+from rtchat.metrics import Metrics
+
+pytest_plugins = ["redis_servers"] if (Path(__file__).parent / "redis_servers.py").exists() else []
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skip locally when missing, but fail in CI, where everything must run."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    if path is None:
+        message = f"{name} is not installed (CI installs it; locally: apt-get install {name})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
+                         interval: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def make_config(**overrides: Any) -> config_mod.Config:
+    """A Config from dotted-key overrides, e.g. ``make_config(**{"sse.max_queue": 10})``."""
+    base = {"node.id": "test-node", "logging.level": "warning"}
+    base.update(overrides)
+    return config_mod.load(None, {}, base)
+
+
+@dataclass
+class Node:
+    """An in-process rtchat node on a free port."""
+
+    cfg: config_mod.Config
+    hub: Hub
+    server: HTTPServer
+    port: int
+    http: tornado.httpclient.AsyncHTTPClient = field(
+        default_factory=lambda: tornado.httpclient.AsyncHTTPClient(force_instance=True))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def fetch(self, path: str, method: str = "GET", body: Any = None,
+                    headers: dict[str, str] | None = None) -> tornado.httpclient.HTTPResponse:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        return await self.http.fetch(self.url + path, method=method, body=body, headers=headers,
+                                     raise_error=False, request_timeout=10)
+
+    async def post(self, room: str, text: str, nick: str = "tester",
+                   headers: dict[str, str] | None = None) -> tornado.httpclient.HTTPResponse:
+        return await self.fetch(f"/rooms/{room}/messages", "POST", {"nick": nick, "text": text},
+                                headers)
+
+    async def stop(self) -> None:
+        self.server.stop()
+        await self.hub.close()
+        await self.server.close_all_connections()
+        self.http.close()
+
+
+@pytest.fixture
+def start_node(io_loop: Any) -> Iterator[Callable[..., Any]]:
+    """``node = await start_node(**{"sse.max_queue": 50})``: a memory-broker node in this loop."""
+    nodes: list[Node] = []
+
+    async def start(**overrides: Any) -> Node:
+        cfg = make_config(**overrides)
+        metrics = Metrics()
+        broker = make_broker(cfg, cfg.node_id)
+        metrics.watch_broker(broker.status)
+        hub = Hub(cfg, broker, metrics, cfg.node_id)
+        await hub.start()
+        server = HTTPServer(make_app(cfg, hub, metrics), xheaders=cfg.http.xheaders,
+                            max_body_size=max(cfg.limits.max_body_bytes * 4, 1 << 20))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        sock.setblocking(False)
+        server.add_sockets([sock])
+        node = Node(cfg, hub, server, sock.getsockname()[1])
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        io_loop.run_sync(node.stop, timeout=10)
+
+
+@dataclass
+class NodeProcess:
+    """A real ``rtchat`` process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """A blocking GET that never raises for HTTP statuses; (0, b"") when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        e.close()
+        return e.code, body
+    except OSError:
+        return 0, b""
+
+
+@pytest.fixture
+def spawn_node(tmp_path: Any) -> Iterator[Callable[..., NodeProcess]]:
+    """``spawn_node(env={...}, args=[...])``: run ``python -m rtchat`` on a free port, wait for /healthz."""
+    procs: list[NodeProcess] = []
+
+    def spawn(env: dict[str, str] | None = None, args: list[str] | None = None,
+              wait: bool = True, cwd: str | None = None, python: str = sys.executable,
+              extra_path: str | None = None) -> NodeProcess:
+        port = free_port()
+        log_path = str(tmp_path / f"node-{port}.log")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("RTCHAT_")}
+        full_env.update({"RTCHAT_NODE__ID": f"node-{port}", "RTCHAT_LOGGING__LEVEL": "info"})
+        if extra_path is not None:
+            full_env["PYTHONPATH"] = extra_path
+        full_env.update(env or {})
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [python, "-m", "rtchat", "--host", "127.0.0.1", "--port", str(port), *(args or [])],
+                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or str(tmp_path))
+        node = NodeProcess(proc, port, log_path)
+        procs.append(node)
+        if wait:
+            wait_for(lambda: proc.poll() is not None or http_get(node.url + "/healthz")[0] == 200,
+                     timeout=20, what=f"rtchat on port {port} to serve")
+            assert proc.poll() is None, f"rtchat exited early:\n{node.log()}"
+        return node
+
+    yield spawn
+    for node in procs:
+        if node.proc.poll() is None:
+            node.proc.kill()
+        node.proc.wait(timeout=10)
