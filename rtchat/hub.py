@@ -157,6 +157,7 @@ class Hub:
         self.node_id = node_id
         self.started_at = time.time()
         self.draining = False
+        self._closing = False
         self.messages_in = 0  # messages this node stored for its clients' POSTs
         self.messages_out = 0  # message frames queued to this node's streams
         self._rooms: dict[str, _Room] = {}
@@ -176,11 +177,14 @@ class Hub:
         ]
 
     async def close(self) -> None:
+        # The flag ends the loops even where a library swallowed the cancellation
+        # (asyncio.wait_for can, on Python < 3.12).
+        self._closing = True
+        self._presence_wakeup.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks = []
         for stream in list(self._streams.values()):
             stream.close("shutdown")
@@ -304,7 +308,7 @@ class Hub:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.sse.heartbeat_seconds
-        while True:
+        while not self._closing:
             await asyncio.sleep(interval)
             for stream in tuple(self._streams.values()):
                 stream.push(sse.PING)
@@ -317,7 +321,7 @@ class Hub:
         """Refresh presence for rooms that changed here at once, and for every room now and then."""
         loop = asyncio.get_running_loop()
         next_full = loop.time() + PRESENCE_REFRESH
-        while True:
+        while not self._closing:
             timer = loop.call_at(next_full, self._presence_wakeup.set)
             try:
                 await self._presence_wakeup.wait()
@@ -329,6 +333,8 @@ class Hub:
                 next_full = loop.time() + PRESENCE_REFRESH
                 dirty |= set(self._rooms)
             for room in dirty:
+                if self._closing:
+                    return
                 try:
                     await self._refresh_presence(room)
                 except asyncio.CancelledError:
