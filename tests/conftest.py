@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +29,10 @@ from rtchat.broker import make_broker
 from rtchat.hub import Hub
 from rtchat.metrics import Metrics
 
-pytest_plugins = ["redis_servers"] if (Path(__file__).parent / "redis_servers.py").exists() else []
+pytest_plugins = ["redis_servers"]
+
+# tests/perf holds the side-by-side benchmark, run by hand (python tests/perf/compare.py).
+collect_ignore = ["perf"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
