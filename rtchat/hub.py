@@ -37,15 +37,27 @@ UNSUBSCRIBE_DELAY = 2.0  # seconds an empty room stays subscribed, so reconnect 
 PRESENCE_REFRESH = 2.0  # seconds between cluster-wide presence reads for local rooms
 
 
+# Takes bytes; returns None when written at once, else a future done when written.
+# Raises when the client is gone.
+Sink = Callable[[bytes], "asyncio.Future[None] | None"]
+
+
 class Stream:
-    """One SSE client's outbox. ``push`` never blocks; ``next_batch`` is awaited by its handler."""
+    """One SSE client's outbox: the hub pushes frames, the stream writes them to its sink.
+
+    ``push`` never blocks. Frames queue until the sink (the client's connection)
+    has taken the previous write; everything queued by then goes out as one
+    write, so bursts coalesce. A backlog past ``max_queue`` closes the stream.
+    """
 
     __slots__ = (
-        "_key_skip", "_queue", "_waiter", "abort", "close_reason", "closed", "connected_at",
-        "id", "last_event_id", "max_queue", "nick", "remote", "room", "user_agent",
+        "_closed_waiter", "_dirty", "_key_skip", "_on_ready", "_queue", "_sink", "_writing",
+        "abort", "close_reason", "closed", "connected_at", "id", "last_event_id", "max_queue",
+        "nick", "remote", "room", "user_agent",
     )
 
-    def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int) -> None:
+    def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
+                 on_ready: Callable[[Stream], None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.room = room
         self.nick = nick
@@ -59,8 +71,13 @@ class Stream:
         # Called (once) when the stream must drop its connection without a goodbye.
         self.abort: Callable[[], None] | None = None
         self._queue: deque[tuple[bytes, str | None]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
         self._key_skip: tuple[int, int] | None = None
+        self._sink: Sink | None = None
+        self._writing = False
+        self._dirty = False
+        # Told when this stream has frames to write; the hub batches these per loop turn.
+        self._on_ready = on_ready
+        self._closed_waiter: asyncio.Future[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -79,9 +96,12 @@ class Stream:
             self.close("slow_client", abort=True)
             return False
         self._queue.append((frame, message_id))
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if not self._dirty and not self._writing and self._sink is not None:
+            self._dirty = True
+            if self._on_ready is not None:
+                self._on_ready(self)
+            else:
+                self.write_pending()
         return True
 
     def skip_through(self, message_id: str) -> None:
@@ -93,16 +113,13 @@ class Stream:
         if any(mid is not None for _, mid in self._queue):
             self._key_skip = None
 
-    async def next_batch(self) -> bytes | None:
-        """Everything queued, as one write; None once the stream is closed and empty."""
-        while not self._queue:
-            if self.closed:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+    def attach(self, sink: Sink) -> None:
+        """Start writing to ``sink``: it takes bytes and returns a future done once written."""
+        self._sink = sink
+        self.write_pending()
+
+    def take_pending(self) -> bytes:
+        """Everything queued, as one chunk (and the queue emptied)."""
         queue = self._queue
         if len(queue) == 1:
             frame, mid = queue.popleft()
@@ -117,17 +134,47 @@ class Stream:
         queue.clear()
         return b"".join(frames)
 
+    def write_pending(self) -> None:
+        """Hand what is queued to the sink, unless a write is still in flight."""
+        self._dirty = False
+        if self.closed or self._writing or not self._queue or self._sink is None:
+            return
+        try:
+            written = self._sink(self.take_pending())
+        except OSError as e:  # the client is gone (StreamClosedError is an OSError too)
+            log.debug("stream %s: write failed: %s", self.id, e)
+            self.close("client_gone")
+            return
+        if written is not None and not written.done():
+            self._writing = True
+            written.add_done_callback(self._written)
+        elif written is not None and (written.cancelled() or written.exception() is not None):
+            self.close("client_gone")
+
+    def _written(self, written: asyncio.Future[None]) -> None:
+        self._writing = False
+        if written.cancelled() or written.exception() is not None:
+            self.close("client_gone")
+        else:
+            self.write_pending()
+
+    async def wait_closed(self) -> None:
+        """Returns once the stream is closed, by either side."""
+        if self.closed:
+            return
+        self._closed_waiter = asyncio.get_running_loop().create_future()
+        await self._closed_waiter
+
     def close(self, reason: str, abort: bool = False) -> None:
         """End the stream. ``abort`` also drops the connection (the client cannot keep up)."""
         if self.closed:
             return
         self.closed = True
         self.close_reason = reason
-        if abort:
-            self._queue.clear()
-            if self.abort is not None:
-                self.abort()
-        waiter = self._waiter
+        self._queue.clear()
+        if abort and self.abort is not None:
+            self.abort()
+        waiter = self._closed_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -166,6 +213,8 @@ class Hub:
         self._presence_dirty: set[str] = set()
         self._presence_wakeup = asyncio.Event()
         self._all_gone = asyncio.Event()
+        self._ready: list[Stream] = []
+        self._write_scheduled = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -224,7 +273,7 @@ class Hub:
 
         Raises BrokerUnavailable when the room cannot be subscribed.
         """
-        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue)
+        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready)
         await self._join(stream)
         try:
             yield stream
@@ -282,6 +331,19 @@ class Hub:
         task.add_done_callback(_log_failure)
 
     # -- fan-out ---------------------------------------------------------------
+
+    def _stream_ready(self, stream: Stream) -> None:
+        """A stream has frames to write: write them at the end of this loop turn, with the rest."""
+        self._ready.append(stream)
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_ready)
+
+    def _write_ready(self) -> None:
+        self._write_scheduled = False
+        ready, self._ready = self._ready, []
+        for stream in ready:
+            stream.write_pending()
 
     def deliver(self, msg: Message) -> None:
         """Called by the broker for each message of a subscribed room, in order. Never awaits."""

@@ -15,15 +15,50 @@ def make_stream(max_queue: int = 3) -> Stream:
     return Stream("r", "n", "127.0.0.1", "ua", max_queue)
 
 
-def test_push_coalesces_into_one_batch_and_tracks_the_last_id() -> None:
+class RecordingSink:
+    """Takes writes like a connection: done at once, or held open to act like a full socket."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.writes: list[bytes] = []
+        self.hold = hold
+        self.pending: list[asyncio.Future] = []
+
+    def __call__(self, data: bytes):
+        self.writes.append(data)
+        fut = asyncio.get_running_loop().create_future()
+        if self.hold:
+            self.pending.append(fut)
+        else:
+            fut.set_result(None)
+        return fut
+
+
+def test_queued_frames_coalesce_into_one_write_and_track_the_last_id() -> None:
     async def go() -> None:
         s = make_stream(10)
         s.push(b"a", "1-0", (1, 0))
         s.push(b": ping\n\n")
         s.push(b"b", "1-1", (1, 1))
         assert s.depth == 3
-        assert await s.next_batch() == b"a: ping\n\nb"
+        sink = RecordingSink()
+        s.attach(sink)
+        assert sink.writes == [b"a: ping\n\nb"]
         assert s.last_event_id == "1-1" and s.depth == 0
+    asyncio.run(go())
+
+
+def test_frames_wait_while_a_write_is_in_flight() -> None:
+    async def go() -> None:
+        s = make_stream(10)
+        sink = RecordingSink(hold=True)
+        s.attach(sink)
+        s.push(b"1")
+        s.push(b"2")
+        s.push(b"3")
+        assert sink.writes == [b"1"] and s.depth == 2
+        sink.pending[0].set_result(None)
+        await asyncio.sleep(0)
+        assert sink.writes == [b"1", b"23"]
     asyncio.run(go())
 
 
@@ -35,27 +70,44 @@ def test_overflow_closes_the_stream_and_calls_abort() -> None:
     assert s.push(b"3") is False
     assert s.closed and s.close_reason == "slow_client" and aborted == [True]
     assert s.push(b"4")  # pushing into a closed stream is a no-op, never an error
-    assert asyncio.run(s.next_batch()) is None
+    assert s.depth == 0
 
 
 def test_skip_through_drops_what_catch_up_already_sent() -> None:
-    s = make_stream(10)
-    s.push(b"a", "5-0", (5, 0))  # queued live while the replay was read
-    s.push(b"p", None, None)  # non-message frames are never dropped
-    s.skip_through("6-0")  # the replay went up to 6-0
-    s.push(b"b", "6-0", (6, 0))  # live copy of a replayed message
-    s.push(b"d", "7-0", (7, 0))
-    s.push(b"e", "8-0", (8, 0))
-    assert asyncio.run(s.next_batch()) == b"pde"
+    async def go() -> None:
+        s = make_stream(10)
+        s.push(b"a", "5-0", (5, 0))  # queued live while the replay was read
+        s.push(b"p", None, None)  # non-message frames are never dropped
+        s.skip_through("6-0")  # the replay went up to 6-0
+        s.push(b"b", "6-0", (6, 0))  # live copy of a replayed message
+        s.push(b"d", "7-0", (7, 0))
+        s.push(b"e", "8-0", (8, 0))
+        sink = RecordingSink()
+        s.attach(sink)
+        assert sink.writes == [b"pde"]
+    asyncio.run(go())
 
 
-def test_close_wakes_a_waiting_reader() -> None:
+def test_a_failed_write_closes_the_stream() -> None:
+    async def go() -> None:
+        s = make_stream(10)
+        sink = RecordingSink(hold=True)
+        s.attach(sink)
+        s.push(b"1")
+        sink.pending[0].set_exception(ConnectionResetError())
+        await asyncio.sleep(0)
+        assert s.closed and s.close_reason == "client_gone"
+    asyncio.run(go())
+
+
+def test_close_wakes_whoever_waits_for_the_end() -> None:
     async def go() -> None:
         s = make_stream()
-        waiting = asyncio.ensure_future(s.next_batch())
+        waiting = asyncio.ensure_future(s.wait_closed())
         await asyncio.sleep(0)
         s.close("admin_disconnect")
-        assert await asyncio.wait_for(waiting, 1) is None
+        await asyncio.wait_for(waiting, 1)
+        assert s.close_reason == "admin_disconnect"
     asyncio.run(go())
 
 
@@ -72,8 +124,11 @@ def test_rooms_subscribe_on_first_and_unsubscribe_on_last_after_a_delay(monkeypa
                 assert broker._subscribed == {"room"}
                 async with hub.connect("room", "b", "ip", "ua"):
                     assert hub.client_count == 2
+                sink = RecordingSink()
+                s1.attach(sink)
                 await hub.publish("room", "x", "hello")
-                assert b"hello" in await s1.next_batch()
+                await asyncio.sleep(0)  # writes go out at the end of the loop turn
+                assert b"hello" in b"".join(sink.writes)
             assert hub.client_count == 0
             assert broker._subscribed == {"room"}  # kept a moment for reconnects
             for _ in range(100):

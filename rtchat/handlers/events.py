@@ -1,20 +1,58 @@
 """The SSE stream of one room: catch-up from history, then live, until either side goes.
 
-Every await here is woken when the client goes (``on_connection_close``
-closes the hub stream) or when the hub drops it (eviction, admin, drain).
+After the head, the hub writes frames straight to the connection; the
+handler only waits for the stream's end, which comes when the client goes
+(``on_connection_close`` closes the hub stream) or when the hub drops it
+(eviction, admin, drain).
 """
 
 from __future__ import annotations
 
 import time
+from asyncio import Future
 
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from rtchat import sse
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
 from rtchat.hub import Stream
 from rtchat.messages import valid_id, valid_room
+
+
+class SocketSink:
+    """Writes SSE bytes to a client's socket: straight away while nothing is buffered,
+    through the IOStream (which waits for the socket) otherwise.
+
+    Returns None when everything went out at once, else the IOStream's write
+    future. Raises StreamClosedError once the client is gone.
+    """
+
+    __slots__ = ("chunked", "iostream", "socket")
+
+    def __init__(self, iostream: IOStream, chunked: bool) -> None:
+        self.iostream = iostream
+        self.socket = iostream.socket
+        self.chunked = chunked
+
+    def __call__(self, data: bytes) -> Future[None] | None:
+        if self.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        iostream = self.iostream
+        if iostream.closed():
+            raise StreamClosedError()
+        if not iostream.writing():
+            try:
+                sent = self.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                iostream.close()
+                raise StreamClosedError() from None
+            if sent == len(data):
+                return None
+            data = data[sent:]
+        return iostream.write(data)
 
 
 class EventStreamHandler(ApiHandler):
@@ -77,16 +115,17 @@ class EventStreamHandler(ApiHandler):
             self.write(head)
 
     async def _pump(self, stream: Stream) -> None:
+        """Send the head, then let the hub write straight to the connection until the end."""
         try:
             await self.flush()
-            while True:
-                batch = await stream.next_batch()
-                if batch is None:
-                    return
-                self.write(batch)
-                await self.flush()
         except StreamClosedError:
             stream.close("client_gone")
+            return
+        # From here on the hub writes to the socket itself (one chunk per batch), with
+        # no per-client task waking up for each message.
+        chunked = self._headers.get("Transfer-Encoding", "").lower() == "chunked"
+        stream.attach(SocketSink(self.request.connection.stream, chunked))  # type: ignore[attr-defined]
+        await stream.wait_closed()
 
     def _abort(self) -> None:
         """Drop the connection at once: the client is too slow to be sent a goodbye."""
