@@ -8,6 +8,7 @@ import jinja2
 import tornado.web
 
 from rtchat import __version__
+from rtchat.admin.handlers import admin_routes
 from rtchat.config import Config
 from rtchat.handlers.base import AppContext, NotFoundHandler
 from rtchat.handlers.events import EventStreamHandler
@@ -58,6 +59,8 @@ def make_app(cfg: Config, hub: Hub, metrics: Metrics) -> tornado.web.Application
         (r"/readyz", ReadyHandler, args),
         (r"/metrics", MetricsHandler, args),
     ]
+    if cfg.admin.enabled:  # disabled: the routes do not exist, so /admin is a plain 404
+        routes += admin_routes(ctx)
     return tornado.web.Application(
         routes,
         default_handler_class=NotFoundHandler,

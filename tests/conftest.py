@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import tornado.httpclient
+import tornado.ioloop
 from tornado.httpserver import HTTPServer
 
 from rtchat import config as config_mod
@@ -47,6 +48,22 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def io_loop() -> Iterator[tornado.ioloop.IOLoop]:
+    """The loop ``@pytest.mark.gen_test`` runs on (overrides pytest-tornado's).
+
+    pytest-tornado's own fixture makes its loop current the tornado-5 way, which
+    leaves a default asyncio loop behind that nobody closes. This one is set as
+    the asyncio loop (the plugin schedules the test on the current loop), then
+    unset and closed with everything it opened.
+    """
+    loop = tornado.ioloop.IOLoop(make_current=False)
+    asyncio.set_event_loop(loop.asyncio_loop)  # type: ignore[attr-defined]
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close(all_fds=True)
 
 
 def free_port() -> int:

@@ -1,0 +1,228 @@
+"""The admin handlers: the page, its status JSON, its live event stream, the disconnect action.
+
+Every handler here runs :meth:`AdminAccess.prepare` first: HTTP Basic with
+``admin.username``/``admin.password`` (401 with a challenge otherwise, failed
+logins throttled per client with 429), or, with no password configured,
+loopback clients only (403 otherwise). With ``admin.enabled: false`` these
+routes do not exist at all (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+
+from rtchat import sse
+from rtchat.admin.access import (
+    REALM,
+    LoginThrottle,
+    basic_credentials,
+    credentials_match,
+    is_loopback,
+)
+from rtchat.admin.sampler import ThroughputSampler
+from rtchat.admin.status import build_status
+from rtchat.handlers.base import ApiError, ApiHandler, AppContext, BaseHandler, PageHandler
+from rtchat.ratelimit import RateLimiter
+
+EVENTS_INTERVAL = 1.0  # seconds between status snapshots on /admin/api/events
+EVENTS_RETRY_MS = 2000
+
+
+@dataclass
+class AdminContext:
+    """The admin pages' own state, one per app: the throughput sampler and the login throttle."""
+
+    sampler: ThroughputSampler
+    logins: LoginThrottle
+
+
+class AdminAccess(BaseHandler):
+    """Authorization for every admin handler, and the headers its refusals need."""
+
+    admin: AdminContext
+
+    def initialize(self, ctx: AppContext, admin: AdminContext) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.admin = admin
+
+    def prepare(self) -> None:
+        self.admin.sampler.start()  # lazily, in case make_app ran before the loop did
+        self.authorize()
+
+    def authorize(self) -> None:
+        cfg = self.ctx.cfg.admin
+        client = self.client_address
+        if not cfg.password:
+            if not is_loopback(client):
+                raise self.reject(403, "admin_loopback_only",
+                                  "no admin password is configured, so admin answers only to "
+                                  "loopback clients")
+            return
+        # A shut-out client is refused before its credentials are even looked at.
+        wait = self.admin.logins.wait(client)
+        if wait > 0:
+            raise self._throttled(wait)
+        given = basic_credentials(self.request.headers.get("Authorization"))
+        if given is None:  # the browser's first request: a challenge, not a failed login
+            raise self.reject(401, "unauthorized", "admin needs a username and password")
+        if not credentials_match(given, cfg.username, cfg.password):
+            wait = self.admin.logins.failed(client)
+            if wait > 0:
+                raise self._throttled(wait)
+            raise self.reject(401, "unauthorized", "wrong admin username or password")
+
+    def _throttled(self, wait: float) -> ApiError:
+        return self.reject(429, "admin_login_rate_limited", "too many failed logins; try again later",
+                           retry_after=RateLimiter.retry_after(wait))
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        # The disconnect button must not be clickable from someone else's frame.
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # send_error cleared the headers; the challenge and Retry-After go back on here.
+        if status_code == 401:
+            self.set_header("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            self.set_header("Retry-After", str(exc.retry_after))
+        super().write_error(status_code, **kwargs)
+
+    async def status(self) -> dict[str, Any]:
+        return await build_status(self.ctx.hub, self.admin.sampler, self.ctx.version)
+
+
+class PageFormat:
+    """How the server-rendered page shows values; the page's script mirrors these on update."""
+
+    DASH = "\u2014"
+
+    @staticmethod
+    def clock(ts: float | None) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else PageFormat.DASH
+
+    @staticmethod
+    def duration(seconds: float | None) -> str:
+        s = max(0, int(seconds or 0))
+        d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+        if d:
+            return f"{d}d {h}h"
+        if h:
+            return f"{h}h {m}m"
+        return f"{m}m {s % 60}s" if m else f"{s % 60}s"
+
+    @staticmethod
+    def ago(seconds: float | None) -> str:
+        if seconds is None:
+            return PageFormat.DASH
+        return "just now" if seconds < 1 else f"{PageFormat.duration(seconds)} ago"
+
+    @staticmethod
+    def ms(value: float | None) -> str:
+        return PageFormat.DASH if value is None else f"{value:.1f} ms"
+
+    @staticmethod
+    def yes_no(value: bool | None) -> str:
+        return "not checked" if value is None else "yes" if value else "no"
+
+    @staticmethod
+    def role(ep: dict[str, Any]) -> str:
+        configured, actual = ep.get("configured_role") or "?", ep.get("role")
+        if actual and actual != configured and not (configured == "replica" and actual == "slave"):
+            return f"{configured} (now {actual})"
+        return configured
+
+    # A server that cannot be reached has no current link or lag: do not show the last ones seen.
+    @staticmethod
+    def link(ep: dict[str, Any]) -> str:
+        if ep.get("reachable") is False:
+            return "unknown"
+        return ep.get("master_link_status") or PageFormat.DASH
+
+    @staticmethod
+    def lag(ep: dict[str, Any]) -> str:
+        lag_bytes, lag_seconds = ep.get("lag_bytes"), ep.get("lag_seconds")
+        if ep.get("reachable") is False or (lag_bytes is None and lag_seconds is None):
+            return PageFormat.DASH
+        b = PageFormat.DASH if lag_bytes is None else str(lag_bytes)
+        s = PageFormat.DASH if lag_seconds is None else f"{lag_seconds:.2f} s"
+        return f"{b} B \u00b7 {s}"
+
+
+class AdminPageHandler(AdminAccess, PageHandler):
+    """``GET /admin``: the page, rendered with the current snapshot, then kept live by script."""
+
+    async def get(self) -> None:
+        self.render_page("admin.html", status=await self.status(), fmt=PageFormat)
+
+
+class AdminStatusHandler(AdminAccess, ApiHandler):
+    """``GET /admin/api/status``: the snapshot the page renders from."""
+
+    async def get(self) -> None:
+        self.write_json(await self.status())
+
+
+class AdminEventsHandler(AdminAccess, ApiHandler):
+    """``GET /admin/api/events``: a ``status`` event with a fresh snapshot every second.
+
+    The wait between snapshots is woken when the client goes, so a closed page
+    costs nothing after its connection drops.
+    """
+
+    _gone: asyncio.Event | None = None
+
+    async def get(self) -> None:
+        self._gone = asyncio.Event()
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.write(sse.retry(EVENTS_RETRY_MS))
+        try:
+            while not self._gone.is_set():
+                self.write(sse.json_event("status", await self.status()))
+                await self.flush()
+                try:
+                    await asyncio.wait_for(self._gone.wait(), EVENTS_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
+        except StreamClosedError:
+            pass
+
+    def on_connection_close(self) -> None:
+        if self._gone is not None:
+            self._gone.set()
+
+
+class ClientDisconnectHandler(AdminAccess, ApiHandler):
+    """``POST /admin/api/clients/<id>/disconnect``: end exactly that client's stream.
+
+    The client may reconnect (it resumes with Last-Event-ID); this is a kick, not a ban.
+    """
+
+    def post(self, client_id: str) -> None:
+        if not self.origin_allowed():
+            raise self.reject(403, "forbidden_origin", "cross-origin admin actions are not allowed")
+        if not self.ctx.hub.disconnect(client_id):
+            raise self.reject(404, "unknown_client", f"no client {client_id!r} on this node")
+        self.write_json({"disconnected": client_id})
+
+
+def admin_routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
+    """The admin route table; ``make_app`` adds it only when ``admin.enabled`` is on."""
+    sampler = ThroughputSampler(ctx.hub)
+    sampler.start()
+    args = {"ctx": ctx, "admin": AdminContext(sampler=sampler, logins=LoginThrottle())}
+    return [
+        (r"/admin/?", AdminPageHandler, args),
+        (r"/admin/api/status", AdminStatusHandler, args),
+        (r"/admin/api/events", AdminEventsHandler, args),
+        (r"/admin/api/clients/([^/]+)/disconnect", ClientDisconnectHandler, args),
+    ]
