@@ -121,6 +121,7 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
         raise
     server.add_sockets(sockets)
     ports = sorted({s.getsockname()[1] for s in sockets})
+    hub.address = f"{_public_host(cfg.http.host)}:{ports[0]}"
     log.info("listening on http://%s:%s", cfg.http.host, ",".join(map(str, ports)))
 
     stop = asyncio.Event()
@@ -138,6 +139,13 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
     await hub.close()
     log.info("stopped")
     return 0
+
+
+def _public_host(host: str) -> str:
+    """The host others can reach this node by: the bind address, or the hostname for a wildcard."""
+    import socket
+
+    return socket.gethostname() if host in ("", "0.0.0.0", "::", "*") else host
 
 
 def _bind(cfg: config_mod.Config) -> list:

@@ -204,6 +204,8 @@ class Hub:
         self.node_id = node_id
         self.started_at = time.time()
         self.draining = False
+        # Where other nodes' admins can reach this one; set by main() once the socket is bound.
+        self.address = f"{cfg.http.host}:{cfg.http.port}"
         self._closing = False
         self.messages_in = 0  # messages this node stored for its clients' POSTs
         self.messages_out = 0  # message frames queued to this node's streams
@@ -424,7 +426,7 @@ class Hub:
         """This node's heartbeat payload, shown on every node's admin page."""
         return {
             "id": self.node_id,
-            "address": f"{self.cfg.http.host}:{self.cfg.http.port}",
+            "address": self.address,
             "clients": len(self._streams),
             "rooms": len(self._rooms),
             "started_at": self.started_at,
