@@ -35,6 +35,9 @@ log = logging.getLogger("rtchat.hub")
 
 UNSUBSCRIBE_DELAY = 2.0  # seconds an empty room stays subscribed, so reconnect churn stays local
 PRESENCE_REFRESH = 2.0  # seconds between cluster-wide presence reads for local rooms
+# Joins and leaves within this long are one presence update: a refresh costs O(room size),
+# so a crowd reconnecting after a node restart must not cost O(room size) each.
+PRESENCE_BATCH = 0.25
 
 
 # Takes bytes; returns None when written at once, else a future done when written.
@@ -405,6 +408,7 @@ class Hub:
                     raise
                 except Exception as e:  # the broker is down: presence waits for it
                     log.debug("presence refresh for %s failed: %s", room, e)
+            await asyncio.sleep(PRESENCE_BATCH)
 
     async def _refresh_presence(self, room: str) -> None:
         state = self._rooms.get(room)
