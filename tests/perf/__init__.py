@@ -1,0 +1,1 @@
+"""Benchmark scripts run by hand; a package so its conftest never shadows tests/conftest.py."""

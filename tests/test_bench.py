@@ -1,0 +1,490 @@
+"""Tests for rtchat/bench.py: its parsers and maths in isolation, then whole runs
+against a real rtchat node on a free port (memory broker, started as a process).
+
+Every run goes through ``python -m rtchat.bench`` so stdout is checked to be
+exactly one JSON object and stderr to be free of tracebacks and warnings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from array import array
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rtchat import bench
+from rtchat.bench import (
+    ChunkedDecoder,
+    ProtocolError,
+    SseEvent,
+    SseParser,
+    Subscriber,
+    UsageError,
+    make_text,
+    parse_target,
+    percentile,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_START_TIMEOUT = 30.0
+BENCH_TIMEOUT = 120.0
+# The bench sends from one address far faster than the default per-client limit.
+UNLIMITED = {"RTCHAT_LIMITS__RATE__MESSAGES_PER_SECOND": "100000",
+             "RTCHAT_LIMITS__RATE__BURST": "100000"}
+
+
+# --------------------------------------------------------------------------
+# The SSE parser
+# --------------------------------------------------------------------------
+
+
+def feed_all(parser: SseParser, pieces: list[bytes]) -> list[SseEvent]:
+    events: list[SseEvent] = []
+    for piece in pieces:
+        events.extend(parser.feed(piece))
+    return events
+
+
+def test_sse_parser_reads_id_event_and_data() -> None:
+    events = SseParser().feed(b'id: 1-0\nevent: message\ndata: {"a":1}\n\n')
+    assert events == [SseEvent(b"message", b'{"a":1}', b"1-0")]
+
+
+def test_sse_parser_defaults_event_type_and_has_no_id_when_none_given() -> None:
+    assert SseParser().feed(b"data: x\n\n") == [SseEvent(b"message", b"x", None)]
+
+
+def test_sse_parser_joins_data_lines_and_strips_one_space_only() -> None:
+    events = SseParser().feed(b"data:a\ndata:  b\ndata\n\n")
+    assert events == [SseEvent(b"message", b"a\n b\n", None)]
+
+
+def test_sse_parser_skips_comments_and_blocks_without_data() -> None:
+    parser = SseParser()
+    events = parser.feed(b"retry: 1500\n\n: ping\n\nevent: presence\n\ndata: y\n\n")
+    assert events == [SseEvent(b"message", b"y", None)]  # event type reset after an empty block
+    assert parser.comments == 1
+    assert parser.retry_ms == 1500
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_sse_parser_accepts_every_line_ending(eol: bytes) -> None:
+    stream = eol.join([b"id: 7", b"event: reset", b"data: z", b"", b"data: w", b"", b""])
+    assert SseParser().feed(stream) == [SseEvent(b"reset", b"z", b"7"), SseEvent(b"message", b"w",
+                                                                                 None)]
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_sse_parser_gives_the_same_events_when_fed_byte_by_byte(eol: bytes) -> None:
+    stream = b"\xef\xbb\xbf" + eol.join(
+        [b"retry: 10", b"", b": hi", b"id: 1-1", b"data: one", b"data: two", b"", b"id: 1-2",
+         b"event: message", b"data: three", b"", b""])
+    whole = SseParser().feed(stream)
+    assert whole == [SseEvent(b"message", b"one\ntwo", b"1-1"),
+                     SseEvent(b"message", b"three", b"1-2")]
+    assert feed_all(SseParser(), [stream[i:i + 1] for i in range(len(stream))]) == whole
+
+
+def test_sse_parser_keeps_the_last_event_id_across_events() -> None:
+    parser = SseParser()
+    events = parser.feed(b"id: 5-0\ndata: a\n\ndata: b\n\n")
+    assert [e.id for e in events] == [b"5-0", None]
+    assert parser.last_event_id == b"5-0"
+
+
+def test_sse_parser_holds_an_incomplete_event_until_its_blank_line() -> None:
+    parser = SseParser()
+    assert parser.feed(b"id: 1-0\ndata: par") == []
+    assert parser.feed(b"tial\n") == []
+    assert parser.feed(b"\n") == [SseEvent(b"message", b"partial", b"1-0")]
+
+
+# --------------------------------------------------------------------------
+# Chunked transfer coding
+# --------------------------------------------------------------------------
+
+
+def test_chunked_decoder_decodes_chunks_and_finishes_on_the_last() -> None:
+    body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: x\r\n\r\n"
+    decoder = ChunkedDecoder()
+    assert decoder.feed(body) == b"hello, world"
+    assert decoder.done
+
+
+def test_chunked_decoder_byte_by_byte() -> None:
+    body = b"1a\r\n" + b"a" * 26 + b"\r\n3\r\nxyz\r\n0\r\n\r\n"
+    decoder = ChunkedDecoder()
+    out = b"".join(decoder.feed(body[i:i + 1]) for i in range(len(body)))
+    assert out == b"a" * 26 + b"xyz"
+    assert decoder.done
+
+
+def test_chunked_decoder_rejects_garbage() -> None:
+    with pytest.raises(ProtocolError):
+        ChunkedDecoder().feed(b"zz\r\n")
+    with pytest.raises(ProtocolError):
+        ChunkedDecoder().feed(b"2\r\nabXY")
+
+
+# --------------------------------------------------------------------------
+# Percentiles and the message token
+# --------------------------------------------------------------------------
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 90) == 90.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 51) == 3.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_latency_summary_sorts_and_handles_empty() -> None:
+    assert bench.latency_summary([3.0, 1.0, 2.0]) == {"p50": 2.0, "p90": 3.0, "p99": 3.0,
+                                                      "max": 3.0}
+    assert bench.latency_summary([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_message_token_survives_json_and_is_padded() -> None:
+    text = make_text("0123abcd", 3, 41, 100, 1700000000.25)
+    assert len(text) == 100
+    data = json.dumps({"id": "1-0", "text": text}).encode()
+    m = bench.PAYLOAD_RE.search(data)
+    assert m is not None
+    assert m.groups() == (b"0123abcd", b"3", b"41", b"1700000000.250000")
+    assert len(make_text("0123abcd", 0, "s", 0, 1.0)) > 0  # never shorter than the token
+
+
+def test_id_order_key_orders_rtchat_and_nchan_ids() -> None:
+    assert bench.id_order_key(b"1700000000000-2") < bench.id_order_key(b"1700000000000-10")
+    assert bench.id_order_key(b"1700000001:0") > bench.id_order_key(b"1700000000:9")
+    assert bench.id_order_key(b"abc") == ()
+
+
+def make_subscriber(room: int = 0, room_messages: int = 10) -> Subscriber:
+    target = parse_target("http://127.0.0.1:1/rooms/r/events")
+    return Subscriber(0, room, target, room_messages, b"0123abcd", array("d"))
+
+
+def event(seq: int | str, room: int = 0, run: str = "0123abcd",
+          id: bytes | None = None) -> SseEvent:
+    return SseEvent(b"message", json.dumps({"text": make_text(run, room, seq, 60, 100.0)}).encode(),
+                    id)
+
+
+def test_subscriber_counts_duplicates_order_and_strays() -> None:
+    sub = make_subscriber()
+    for seq in (0, 2, 1, 2):
+        sub.on_event(event(seq), now=100.5)
+    sub.on_event(event(3, room=1), now=100.5)        # another room's message
+    sub.on_event(event(4, run="ffffffff"), now=100.5)  # another run's message
+    sub.on_event(event("s"), now=100.5)              # the sync message
+    sub.on_event(SseEvent(b"reset", b"{}", None), now=100.5)
+    assert (sub.delivered, sub.duplicates, sub.out_of_order) == (3, 1, 1)
+    assert (sub.misrouted, sub.foreign, sub.resets, sub.synced) == (1, 1, 1, True)
+    assert bytes(sub.seen[:4]) == b"\x01\x01\x01\x00"
+    assert list(sub.latencies) == [500.0, 500.0, 500.0]
+
+
+def test_subscriber_judges_order_by_server_ids_when_present() -> None:
+    sub = make_subscriber()
+    # The server stored 1 before 0 (concurrent sends): ids say that order is right.
+    sub.on_event(event(1, id=b"5-0"), now=100.0)
+    sub.on_event(event(0, id=b"5-1"), now=100.0)
+    sub.on_event(event(2, id=b"4-9"), now=100.0)
+    assert (sub.delivered, sub.out_of_order) == (3, 1)
+
+
+def test_parse_target_fills_host_header_and_path() -> None:
+    t = parse_target("http://127.0.0.1:8080/rooms/a/events?x=1")
+    assert (t.host, t.port, t.path, t.host_header) == ("127.0.0.1", 8080, "/rooms/a/events?x=1",
+                                                       "127.0.0.1:8080")
+    t = parse_target("http://[::1]/sub")
+    assert (t.host, t.port, t.host_header) == ("::1", 80, "[::1]")
+    with pytest.raises(UsageError):
+        parse_target("ftp://example/")
+
+
+def test_build_post_formats() -> None:
+    target = parse_target("http://h:1/rooms/r/messages")
+    raw = bench.build_post(target, "raw", "hi there")
+    assert raw.endswith(b"\r\n\r\nhi there") and b"Content-Length: 8\r\n" in raw
+    form = bench.build_post(target, "form", "a b")
+    assert form.endswith(b"nick=bench&text=a+b")
+    js = bench.build_post(target, "json", "x")
+    assert json.loads(js.split(b"\r\n\r\n", 1)[1]) == {"nick": "bench", "text": "x"}
+    assert js.startswith(b"POST /rooms/r/messages HTTP/1.1\r\nHost: h:1\r\n")
+
+
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
+
+
+def run_bench(*args: str, module: tuple[str, ...] = ("rtchat.bench",),
+              timeout: float = BENCH_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", *module, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def report_of(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout  # exactly one JSON object, nothing else
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("args", [
+    ["--url", "http://127.0.0.1:1", "--clients", "-1"],
+    ["--url", "http://127.0.0.1:1", "--clients", "lots"],
+    ["--url", "http://127.0.0.1:1", "--rooms", "0"],
+    ["--url", "http://127.0.0.1:1", "--rate", "-5"],
+    ["--url", "http://127.0.0.1:1", "--pub-format", "xml"],
+    ["--url", "ftp://127.0.0.1:1"],
+    ["--url", "http://127.0.0.1:1", "--sub-url", "not a url"],
+    ["--clients", "5"],  # no --url, and the default templates need one
+    ["--url", "http://127.0.0.1:1", "--clients", "10000000"],  # more than RLIMIT_NOFILE allows
+    ["--url", "http://127.0.0.1:1", "--unknown-flag"],
+])
+def test_bad_arguments_exit_2_without_traceback(args: list[str]) -> None:
+    proc = run_bench(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "rtchat bench: error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_exits_0_and_names_the_templates() -> None:
+    proc = run_bench("--help")
+    assert proc.returncode == 0
+    assert "--sub-url" in proc.stdout and "{url}/rooms/{room}/events" in proc.stdout
+
+
+def test_rtchat_bench_subcommand_dispatches_to_the_bench() -> None:
+    proc = run_bench("bench", "--url", "http://127.0.0.1:1", "--rooms", "0", module=("rtchat",))
+    assert proc.returncode == 2
+    assert "rtchat bench: error: --rooms must be at least 1" in proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refused_streams_are_connect_errors_not_a_crash() -> None:
+    port = free_port()
+    report = report_of(run_bench("--url", f"http://127.0.0.1:{port}", "--clients", "3",
+                                 "--messages", "2", "--rate", "0", "-q"))
+    assert report["connect_errors"] == 3
+    assert report["connected"] == 0
+    assert report["expected"] == 0
+    assert report["sent"] == 2 and report["acked"] == 0
+
+
+# --------------------------------------------------------------------------
+# Against a real node
+# --------------------------------------------------------------------------
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + NODE_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"rtchat exited with {proc.returncode}: {log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"rtchat did not answer /healthz in {NODE_START_TIMEOUT}s: "
+                         f"{log.read_text()}")
+
+
+@contextlib.contextmanager
+def running_node(tmp: Path, env: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    log = tmp / f"rtchat-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rtchat", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "RTCHAT_SHUTDOWN__DRAIN_SECONDS": "0",
+                 **env},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Factory: ``start_node(**env)`` runs an rtchat node and returns its base URL."""
+    with contextlib.ExitStack() as stack:
+        def start(**env: str) -> str:
+            return stack.enter_context(running_node(tmp_path, env))
+        yield start
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One node without a send rate limit, shared by the clean runs."""
+    with running_node(tmp_path_factory.mktemp("node"), UNLIMITED) as url:
+        yield url
+
+
+def test_clean_run_delivers_every_message_to_every_client(node: str) -> None:
+    proc = run_bench("--url", node, "--clients", "5", "--messages", "50", "--rate", "500",
+                     "--hold-seconds", "0.01")
+    report = report_of(proc)
+    assert "bench: holding 5 streams" in proc.stderr  # the line compare.py waits for
+    assert (report["sent"], report["acked"]) == (50, 50)
+    assert report["expected"] == 250
+    assert report["delivered"] == 250
+    assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
+    assert report["connect_errors"] == 0 and report["connected"] == 5
+    assert report["synced"] is True
+    assert report["status_counts"] == {"201": 50}
+    lat = report["latency_ms"]
+    assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert report["deliveries_per_second"] > 0
+    assert report["cpu_seconds"] >= 0 and report["cpu_percent"] >= 0
+    assert report["connect_seconds"] >= 0
+
+
+def test_rooms_and_several_urls_split_expected_per_room(node: str) -> None:
+    # 7 clients over 2 rooms: room 0 has 4, room 1 has 3; 41 messages: 21 to room 0, 20 to room 1.
+    report = report_of(run_bench("--url", node, "--url", node + "/", "--clients", "7",
+                                 "--rooms", "2", "--messages", "41", "--rate", "0",
+                                 "--pub-format", "form", "--body-bytes", "300", "-q"))
+    assert report["sent"] == report["acked"] == 41
+    assert report["expected"] == 21 * 4 + 20 * 3
+    assert report["delivered"] == report["expected"]
+    assert (report["lost"], report["duplicates"], report["misrouted"]) == (0, 0, 0)
+
+
+def test_streams_on_a_silent_room_are_counted_as_lost(node: str) -> None:
+    # Subscribers listen to "<room>-quiet", messages go to "<room>": every delivery is missing.
+    report = report_of(run_bench("--url", node, "--sub-url", "{url}/rooms/{room}-quiet/events",
+                                 "--clients", "4", "--messages", "20", "--rate", "0",
+                                 "--sync-timeout", "0", "--settle-seconds", "0.5", "-q"))
+    assert report["acked"] == 20
+    assert report["expected"] == 80
+    assert report["delivered"] == 0
+    assert report["lost"] == 80
+
+
+def test_send_time_limit_leaves_the_rest_unsent(node: str) -> None:
+    # 1,000 messages at 10/s would take 100 s; the limit stops new sends after 0.3 s.
+    report = report_of(run_bench("--url", node, "--clients", "2", "--messages", "1000",
+                                 "--rate", "10", "--max-send-seconds", "0.3", "-q"))
+    assert 1 <= report["sent"] < 1000
+    assert report["unsent"] == 1000 - report["sent"]
+    assert report["acked"] == report["sent"]
+    assert report["expected"] == report["delivered"] == 2 * report["acked"]
+    assert report["lost"] == 0
+
+
+def test_missing_room_path_is_a_connect_error(node: str) -> None:
+    report = report_of(run_bench("--url", node, "--sub-url", "{url}/no/such/{room}",
+                                 "--clients", "2", "--messages", "0", "-q"))
+    assert report["connect_errors"] == 2
+    assert report["connect_error_kinds"] == {"http_404": 2}
+
+
+def test_refused_sends_do_not_count_as_expected(start_node: Callable[..., str]) -> None:
+    # A tight per-client rate limit (burst 10, 1/s) refuses most of a fast burst of 60 sends.
+    url = start_node(RTCHAT_LIMITS__RATE__MESSAGES_PER_SECOND="1", RTCHAT_LIMITS__RATE__BURST="10")
+    report = report_of(run_bench("--url", url, "--clients", "3", "--messages", "60",
+                                 "--rate", "0", "--publishers", "2", "-q"))
+    assert report["sent"] == 60
+    assert 0 < report["acked"] < 60
+    assert report["status_counts"].get("429", 0) == 60 - report["acked"]
+    assert report["send_errors"] == 60 - report["acked"]
+    assert report["expected"] == report["acked"] * 3
+    assert report["delivered"] == report["expected"]
+    assert report["lost"] == 0
+
+
+def admin_json(url: str, path: str, method: str = "GET") -> dict:
+    req = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def read_stderr_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while marker not in seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                raise AssertionError(f"no {marker!r} from the bench in {timeout}s: {seen!r}")
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                raise AssertionError(f"bench ended before {marker!r}: {seen!r}")
+            seen += chunk
+    return seen
+
+
+def test_reconnect_resumes_kicked_streams_without_loss(node: str) -> None:
+    # 3 streams; while messages are being sent, the admin API kicks every one of
+    # them; with --reconnect they come back with Last-Event-ID and miss nothing.
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "rtchat.bench", "--url", node, "--clients", "3",
+         "--messages", "150", "--rate", "50", "--reconnect", "--reconnect-delay", "0.05",
+         "--room-prefix", "kick-"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        head = read_stderr_until(proc, b"bench: sending", BENCH_TIMEOUT)
+        listed = admin_json(node, "/admin/api/status")["clients"]["listed"]
+        kicked = [c["id"] for c in listed if c["room"] == "kick-0"]
+        assert len(kicked) == 3
+        for client_id in kicked:
+            assert admin_json(node, f"/admin/api/clients/{client_id}/disconnect",
+                              method="POST") == {"disconnected": client_id}
+        out, err = proc.communicate(timeout=BENCH_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    report = report_of(subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
+                                                   (head + err).decode()))
+    assert report["disconnects"] == 3
+    assert report["reconnects"] == 3
+    assert report["acked"] == 150
+    assert report["expected"] == report["delivered"] == 450
+    assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
