@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.ioloop
+from probes import free_port, http_get, wait_for
 from tornado.httpserver import HTTPServer
 
 from rtchat import config as config_mod
@@ -34,21 +33,6 @@ pytest_plugins = ["redis_servers"]
 
 # tests/perf holds the side-by-side benchmark, run by hand (python tests/perf/compare.py).
 collect_ignore = ["perf"]
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; skip locally when missing, but fail in CI, where everything must run."""
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
-    if path is None:
-        message = f"{name} is not installed (CI installs it; locally: apt-get install {name})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
 
 @pytest.fixture
 def io_loop() -> Iterator[tornado.ioloop.IOLoop]:
@@ -64,37 +48,6 @@ def io_loop() -> Iterator[tornado.ioloop.IOLoop]:
     yield loop
     asyncio.set_event_loop(None)
     loop.close(all_fds=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-             what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
-                         interval: float = 0.02, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def make_config(**overrides: Any) -> config_mod.Config:
@@ -186,22 +139,6 @@ class NodeProcess:
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """A blocking GET that never raises for HTTP statuses; (0, b"") when nothing answers."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        body = e.read()
-        e.close()
-        return e.code, body
-    except OSError:
-        return 0, b""
 
 
 @pytest.fixture

@@ -10,78 +10,13 @@ never a fixed sleep.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
 from conf_templates import CONF, ROOT, nginx_conf, redis_args
-
-# These mirror helpers in tests/conftest.py on purpose: a module named
-# "conftest" cannot be imported reliably once tests/perf/conftest.py exists.
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; skip locally when it is missing, fail in CI, where everything must run."""
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
-    if path is None:
-        message = f"{name} is not installed (.ci/run installs it; locally: apt-get install {name})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until truthy; AssertionError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def http_status(url: str, timeout: float = 2.0) -> int:
-    """GET ``url`` (no proxies): its status, or 0 when nothing answers. Never raises."""
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                url, timeout=timeout) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        e.close()
-        return e.code
-    except OSError:
-        return 0
-
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+from probes import free_port, http_get, port_open, require_tool, wait_for
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
@@ -184,7 +119,7 @@ class RedisServer(ManagedProcess):
                 return self.info("replication").get("master_link_status") == "up"
             return True
 
-        wait_until(ready, timeout, f"{self.name} to serve")
+        wait_for(ready, timeout, f"{self.name} to serve")
 
 
 class ClusterNode(ManagedProcess):
@@ -217,9 +152,9 @@ class ClusterNode(ManagedProcess):
     def wait_ready(self, timeout: float = 20.0) -> None:
         def ready() -> bool:
             self.check_alive()
-            return http_status(self.url + "/readyz") == 200
+            return http_get(self.url + "/readyz")[0] == 200
 
-        wait_until(ready, timeout, f"{self.name} /readyz to answer 200")
+        wait_for(ready, timeout, f"{self.name} /readyz to answer 200")
 
 
 class NginxServer(ManagedProcess):
@@ -251,4 +186,4 @@ class NginxServer(ManagedProcess):
             self.check_alive()
             return port_open(self.port)
 
-        wait_until(ready, timeout, f"{self.name} to listen")
+        wait_for(ready, timeout, f"{self.name} to listen")

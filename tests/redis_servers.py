@@ -13,9 +13,7 @@ Load it with ``pytest_plugins = ["redis_servers"]`` (tests/ on sys.path).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,43 +22,14 @@ from typing import Any
 
 import pytest
 import redis
+from probes import free_port, require_tool, wait_for
 
 SERVICE = "mymaster"
 
 
 def redis_server_path() -> str:
     """The redis-server binary; skip locally when it is missing, but fail in CI."""
-    path = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-    if path is None:
-        message = ("redis-server is not installed (CI installs it; locally: "
-                   "apt-get install redis-server)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until truthy; AssertionError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except (redis.RedisError, OSError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return require_tool("redis-server")
 
 
 class RedisServer:
@@ -138,7 +107,7 @@ class RedisServer:
             with self.client() as c:
                 return c.info("replication").get("master_link_status") == "up"
 
-        wait_until(up, timeout, f"replica on port {self.port} to sync")
+        wait_for(up, timeout, f"replica on port {self.port} to sync", ignore=(redis.RedisError, OSError))
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final fsync."""
@@ -242,10 +211,33 @@ def start_sentinel(tmp_path_factory: pytest.TempPathFactory
                     return False
                 return len(c.execute_command("SENTINEL", "REPLICAS", SERVICE)) >= replicas
 
-        wait_until(knows_topology, timeout, f"sentinel :{port} to see the master and "
-                                            f"{replicas} replicas")
+        wait_for(knows_topology, timeout, f"sentinel :{port} to see the master and "
+                                            f"{replicas} replicas", ignore=(redis.RedisError, OSError))
         return server
 
     yield start
     for server in reversed(servers):
         server.kill()
+
+
+# A node config on a master and replicas, with health checks fast enough for tests.
+FAST_HEALTH = {
+    "broker.redis.health_interval_seconds": 0.2,
+    "broker.redis.max_replica_lag_seconds": 1.0,
+    "limits.rate.burst": 100000,
+    "limits.rate.messages_per_second": 100000,
+}
+
+
+def redis_node_config(master: RedisServer, replicas: list[RedisServer], node_id: str,
+                      **extra: Any) -> dict[str, Any]:
+    """Dotted config overrides (for ``start_node``) of a node on these servers."""
+    return {"node.id": node_id, "broker.backend": "redis", "broker.redis.master": master.url,
+            "broker.redis.replicas": [r.url for r in replicas], **FAST_HEALTH, **extra}
+
+
+@pytest.fixture
+def redis_trio(start_redis: Callable[..., RedisServer]) -> tuple[RedisServer, list[RedisServer]]:
+    """A master and two synced replicas."""
+    master = start_redis()
+    return master, [start_redis(replica_of=master), start_redis(replica_of=master)]

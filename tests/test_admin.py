@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-from conftest import async_wait_for
+from probes import async_wait_for
 from sse_client import SSEClient
 
 from rtchat.admin.access import LoginThrottle, basic_credentials, credentials_match, is_loopback

@@ -10,28 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
 
 import pytest
 from browser import DESKTOP, PHONE, chromium
-from conftest import require_tool
+from probes import require_tool
+from redis_servers import redis_node_config
 from sse_client import SSEClient
-
-FAST_HEALTH = {
-    "broker.redis.health_interval_seconds": 0.2,
-    "broker.redis.max_replica_lag_seconds": 1.0,
-}
-
-
-def redis_config(master, replicas, node_id: str) -> dict[str, Any]:
-    return {"node.id": node_id, "broker.backend": "redis", "broker.redis.master": master.url,
-            "broker.redis.replicas": [r.url for r in replicas], **FAST_HEALTH}
-
-
-@pytest.fixture
-def redis_trio(start_redis):
-    master = start_redis()
-    return master, [start_redis(replica_of=master), start_redis(replica_of=master)]
 
 
 async def status_of(node) -> dict:
@@ -68,8 +52,8 @@ def all_healthy(st: dict) -> bool:
 @pytest.mark.gen_test(timeout=60)
 async def test_status_shows_both_nodes_every_endpoint_and_a_dead_replica(start_node, redis_trio) -> None:
     master, replicas = redis_trio
-    a = await start_node(**redis_config(master, replicas, "node-a"))
-    b = await start_node(**redis_config(master, replicas, "node-b"))
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b"))
     on_a = await SSEClient.open(a.url, "ops", nick="ann")
     on_b = await SSEClient.open(b.url, "ops", nick="bob")
     try:
@@ -141,8 +125,8 @@ async def test_admin_page_draws_the_cluster_and_marks_the_dead_replica_red(
         start_node, redis_trio, tmp_path) -> None:
     exe = require_tool("chromium")
     master, replicas = redis_trio
-    a = await start_node(**redis_config(master, replicas, "node-a"))
-    await start_node(**redis_config(master, replicas, "node-b"))
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    await start_node(**redis_node_config(master, replicas, "node-b"))
     client = await SSEClient.open(a.url, "ops", nick="ann")
     try:
         st = await status_until(a, lambda s: node_ids(s) == ["node-a", "node-b"] and all_healthy(s)

@@ -16,26 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from broker_inbox import Inbox
 
 from rtchat import config
 from rtchat.broker.base import Broker, Presence
-from rtchat.messages import Message
 
 ID_RE = re.compile(r"^\d+-\d+$")
 BrokerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Broker, "Inbox"]]]
-
-
-class Inbox:
-    """The ``deliver`` callback: keeps every delivered message."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    def __call__(self, msg: Message) -> None:
-        self.messages.append(msg)
-
-    def ids(self, room: str) -> list[str]:
-        return [m.id for m in self.messages if m.room == room]
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> None:

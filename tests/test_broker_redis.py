@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_inbox import Inbox
+from probes import async_wait_for, require_tool
 from redis_servers import SERVICE, RedisServer
 
 from rtchat import config
@@ -48,19 +50,6 @@ def redis_config(master: RedisServer | None, replicas: Sequence[RedisServer] = (
     return config.load(None, {}, overrides)
 
 
-class Inbox:
-    """The ``deliver`` callback: keeps every delivered message."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    def __call__(self, msg: Message) -> None:
-        self.messages.append(msg)
-
-    def ids(self, room: str) -> list[str]:
-        return [m.id for m in self.messages if m.room == room]
-
-
 @contextlib.asynccontextmanager
 async def running(cfg: config.Config, node_id: str = "node-a"
                   ) -> AsyncIterator[tuple[RedisBroker, Inbox]]:
@@ -74,14 +63,7 @@ async def running(cfg: config.Config, node_id: str = "node-a"
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    return await async_wait_for(predicate, timeout, what, interval=0.01)
 
 
 class Publisher:
@@ -140,18 +122,13 @@ def cluster(start_redis: Callable[..., RedisServer]) -> tuple[RedisServer, ...]:
     return master, start_redis(replica_of=master), start_redis(replica_of=master)
 
 
-def test_missing_redis_server_skips_locally_and_fails_in_ci(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import redis_servers
-
-    monkeypatch.setattr(redis_servers.shutil, "which", lambda name: None)
-    monkeypatch.setattr(redis_servers.os.path, "exists", lambda path: False)
+def test_a_missing_tool_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="redis-server is not installed"):
-        redis_servers.redis_server_path()
+    with pytest.raises(pytest.skip.Exception, match="no-such-redis-server is not installed"):
+        require_tool("no-such-redis-server")
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="redis-server is not installed"):
-        redis_servers.redis_server_path()
+    with pytest.raises(pytest.fail.Exception, match="no-such-redis-server is not installed"):
+        require_tool("no-such-redis-server")
 
 
 # -- storing and reading -----------------------------------------------------------------

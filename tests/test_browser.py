@@ -8,7 +8,7 @@ import json
 
 import pytest
 from browser import DESKTOP, PHONE, chromium, text_of, watch_dialogs
-from conftest import require_tool
+from probes import require_tool
 from sse_client import SSEClient
 
 XSS_NICK = "<script>alert(1)</script>"

@@ -12,27 +12,9 @@ import random
 from typing import Any
 
 import pytest
-from conftest import async_wait_for
+from probes import async_wait_for
+from redis_servers import redis_node_config
 from sse_client import SSEClient
-
-FAST_HEALTH = {
-    "broker.redis.health_interval_seconds": 0.2,
-    "broker.redis.max_replica_lag_seconds": 1.0,
-    "limits.rate.burst": 100000,
-    "limits.rate.messages_per_second": 100000,
-}
-
-
-def redis_config(master, replicas, node_id: str, **extra: Any) -> dict[str, Any]:
-    return {"node.id": node_id, "broker.backend": "redis", "broker.redis.master": master.url,
-            "broker.redis.replicas": [r.url for r in replicas], **FAST_HEALTH, **extra}
-
-
-@pytest.fixture
-def topology(start_redis):
-    master = start_redis()
-    replicas = [start_redis(replica_of=master), start_redis(replica_of=master)]
-    return master, replicas
 
 
 def pubsub_count(server) -> int:
@@ -104,10 +86,10 @@ async def assert_exactly_once_in_order(readers: list[list[str]], acked: list[str
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_client_on_one_node_receives_what_is_posted_to_the_other(start_node, topology) -> None:
-    master, replicas = topology
-    a = await start_node(**redis_config(master, replicas, "node-a"))
-    b = await start_node(**redis_config(master, replicas, "node-b"))
+async def test_a_client_on_one_node_receives_what_is_posted_to_the_other(start_node, redis_trio) -> None:
+    master, replicas = redis_trio
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b"))
     client = await SSEClient.open(a.url, "x")
     try:
         await async_wait_for(lambda: a.hub.client_count == 1)
@@ -129,10 +111,10 @@ async def test_a_client_on_one_node_receives_what_is_posted_to_the_other(start_n
 
 @pytest.mark.gen_test(timeout=90)
 @pytest.mark.parametrize("chaos", ["sigkill", "client_kill", "pause"])
-async def test_subscription_failure_loses_nothing(start_node, topology, chaos) -> None:
-    master, replicas = topology
-    a = await start_node(**redis_config(master, replicas, "node-a"))
-    b = await start_node(**redis_config(master, replicas, "node-b"))
+async def test_subscription_failure_loses_nothing(start_node, redis_trio, chaos) -> None:
+    master, replicas = redis_trio
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b"))
     clients = [await SSEClient.open(n.url, "chaos") for n in (a, a, b, b)]
     readers: list[list[str]] = [[] for _ in clients]
     stop = asyncio.Event()
@@ -177,10 +159,10 @@ async def test_subscription_failure_loses_nothing(start_node, topology, chaos) -
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_resume_on_another_node_and_reset_after_history_is_lost(start_node, topology) -> None:
-    master, replicas = topology
-    a = await start_node(**redis_config(master, replicas, "node-a"))
-    b = await start_node(**redis_config(master, replicas, "node-b"))
+async def test_resume_on_another_node_and_reset_after_history_is_lost(start_node, redis_trio) -> None:
+    master, replicas = redis_trio
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b"))
     client = await SSEClient.open(a.url, "move")
     await async_wait_for(lambda: a.hub.client_count == 1)
     for i in range(3):
@@ -209,9 +191,9 @@ async def test_resume_on_another_node_and_reset_after_history_is_lost(start_node
 
 
 @pytest.mark.gen_test(timeout=90)
-async def test_master_down_refuses_sends_then_recovers_without_restart(start_node, topology) -> None:
-    master, replicas = topology
-    a = await start_node(**redis_config(master, replicas, "node-a"))
+async def test_master_down_refuses_sends_then_recovers_without_restart(start_node, redis_trio) -> None:
+    master, replicas = redis_trio
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
     client = await SSEClient.open(a.url, "m")
     try:
         await async_wait_for(lambda: a.hub.client_count == 1)
@@ -245,10 +227,10 @@ async def test_master_down_refuses_sends_then_recovers_without_restart(start_nod
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_presence_spans_both_nodes(start_node, topology) -> None:
-    master, replicas = topology
-    a = await start_node(**redis_config(master, replicas, "node-a"))
-    b = await start_node(**redis_config(master, replicas, "node-b"))
+async def test_presence_spans_both_nodes(start_node, redis_trio) -> None:
+    master, replicas = redis_trio
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b"))
     ca = await SSEClient.open(a.url, "pr", nick="ann")
     cb = await SSEClient.open(b.url, "pr", nick="bob")
     try:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from conf_templates import CONF, ROOT, haproxy_cfg, nginx_conf
-from lb_processes import IN_CI, free_port, require_tool
+from probes import IN_CI, free_port, require_tool
 
 from rtchat import config as config_mod
 

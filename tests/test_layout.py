@@ -1,23 +1,38 @@
 """The architecture, held by the import graph: who may import what."""
 
-import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rtchat"
 
 
-def imports_of(path: Path) -> set[str]:
-    names: set[str] = set()
+# The import graph is read in a fresh interpreter: CPython 3.11.7's ast module can
+# fail with "AST constructor recursion depth mismatch" (gh-106905) depending on what
+# ran before it in the same process.
+_READ_GRAPH = """
+import ast, json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+graph = {}
+for path in sorted(root.rglob("*.py")):
+    names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-    return names
+    graph[str(path.relative_to(root))] = sorted(names)
+print(json.dumps(graph))
+"""
 
 
+@functools.cache
 def modules() -> dict[str, set[str]]:
-    return {str(p.relative_to(PACKAGE)): imports_of(p) for p in PACKAGE.rglob("*.py")}
+    out = subprocess.run([sys.executable, "-c", _READ_GRAPH, str(PACKAGE)], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    return {name: set(imported) for name, imported in json.loads(out).items()}
 
 
 def test_only_the_web_layer_imports_tornado() -> None:

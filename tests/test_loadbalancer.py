@@ -34,14 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lb_processes import (
-    ClusterNode,
-    NginxServer,
-    RedisServer,
-    log_tail,
-    require_tool,
-    wait_until,
-)
+from lb_processes import ClusterNode, NginxServer, RedisServer, log_tail
+from probes import async_wait_for, require_tool, wait_for
 
 CLIENTS = 200
 RATE = 50.0  # messages per second, through nginx
@@ -282,17 +276,6 @@ class Publisher:
         self._stop.set()
 
 
-async def async_wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
-                         what: str = "condition") -> Any:
-    """Poll ``predicate`` from the event loop (clients keep reading meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def until_async(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
@@ -486,7 +469,7 @@ def wait_for_log(read: Callable[[], Counter[str]], total: int) -> Counter[str]:
         served = read()
         return served if sum(served.values()) >= total else None
 
-    return wait_until(enough, 10, f"nginx to log {total} finished streams")
+    return wait_for(enough, 10, f"nginx to log {total} finished streams")
 
 
 def test_rolling_restart_under_load_loses_duplicates_and_reorders_nothing(

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import http_get, wait_for
+from probes import http_get, wait_for
 from sse_client import SSEClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def test_sigterm_drains_open_streams_and_exits_0(spawn_node) -> None:
         # Readiness turns off at once, while the streams are still draining.
         _, body = await asyncio.to_thread(
             wait_for, lambda: (lambda r: r if r[0] == 503 else None)(http_get(node.url + "/readyz")),
-            5, 0.02, "readyz to turn 503")
+            5, "readyz to turn 503")
         assert b"draining" in body
         async def closed_at(c: SSEClient) -> float:
             await c.until_closed(timeout=drain + 5)

@@ -4,7 +4,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import async_wait_for
+from probes import async_wait_for
 from sse_client import SSEClient
 
 FAST = {"limits.rate.burst": 100000, "limits.rate.messages_per_second": 100000}
