@@ -15,11 +15,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def require_tool(name: str) -> str:
@@ -27,11 +26,15 @@ def require_tool(name: str) -> str:
     path = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
     if path is None:
-        message = f"{name} is not installed (.ci/run installs it; locally: apt-get install {name})"
-        if os.environ.get("CI", "").lower() == "true":  # read now: tests flip it
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed (.ci/run installs it; locally: apt-get install {name})")
     return path
+
+
+def missing(message: str) -> NoReturn:
+    """A test cannot run here: skip locally, but fail in CI (CI=true), where everything must run."""
+    # The environment is read now, not at import: tests flip it.
+    (pytest.fail if os.environ.get("CI", "").lower() == "true" else pytest.skip)(message)
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

