@@ -20,7 +20,6 @@ from typing import Any, NoReturn
 import pytest
 
 
-
 def require_tool(name: str) -> str:
     """The tool's path; skip locally when it is missing, but fail in CI, where everything must run."""
     path = shutil.which(name) or next(
