@@ -81,6 +81,7 @@ class AdminAccess(BaseHandler):
                            retry_after=RateLimiter.retry_after(wait))
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.set_header("Cache-Control", "no-store")
         # The disconnect button must not be clickable from someone else's frame.
         self.set_header("X-Frame-Options", "DENY")
