@@ -105,7 +105,6 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
     hub = Hub(cfg, broker, metrics, node_id)
     log.info("starting node %s (rtchat %s, %s broker, config %s)",
              node_id, __version__, broker.kind, path or "built-in defaults")
-    await hub.start()
     app = make_app(cfg, hub, metrics)
     server = HTTPServer(
         app,
@@ -114,14 +113,17 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
         max_body_size=max(cfg.limits.max_body_bytes * 4, 1 << 20),
         idle_connection_timeout=3600,
     )
+    sockets = _bind(cfg)
+    ports = sorted({s.getsockname()[1] for s in sockets})
+    # Before the hub starts, so its first heartbeat already names the real address.
+    hub.address = f"{_public_host(cfg.http.host)}:{ports[0]}"
     try:
-        sockets = _bind(cfg)
-    except OSError:
-        await hub.close()
+        await hub.start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
         raise
     server.add_sockets(sockets)
-    ports = sorted({s.getsockname()[1] for s in sockets})
-    hub.address = f"{_public_host(cfg.http.host)}:{ports[0]}"
     log.info("listening on http://%s:%s", cfg.http.host, ",".join(map(str, ports)))
 
     stop = asyncio.Event()

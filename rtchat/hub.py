@@ -219,6 +219,9 @@ class Hub:
         self._presence_wakeup = asyncio.Event()
         self._all_gone = asyncio.Event()
         self._ready: list[Stream] = []
+        # Unsubscribes in flight, by room: a join waits for its room's before subscribing,
+        # so the broker always sees subscribe and unsubscribe in the hub's order.
+        self._unsubscribing: dict[str, asyncio.Task[None]] = {}
         self._write_scheduled = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -292,6 +295,9 @@ class Hub:
             state = _Room(ready=asyncio.get_running_loop().create_future())
             self._rooms[stream.room] = state
             try:
+                pending = self._unsubscribing.get(stream.room)
+                if pending is not None:
+                    await asyncio.wait([pending])  # its outcome is logged by _unsubscribed
                 await self.broker.subscribe(stream.room)
             except BaseException as e:
                 # Roll back: the next client tries again from scratch.
@@ -333,7 +339,13 @@ class Hub:
             return
         del self._rooms[room]
         task = asyncio.create_task(self.broker.unsubscribe(room), name=f"unsubscribe-{room}")
-        task.add_done_callback(_log_failure)
+        self._unsubscribing[room] = task
+        task.add_done_callback(lambda t: self._unsubscribed(room, t))
+
+    def _unsubscribed(self, room: str, task: asyncio.Task[None]) -> None:
+        if self._unsubscribing.get(room) is task:
+            del self._unsubscribing[room]
+        _log_failure(task)
 
     # -- fan-out ---------------------------------------------------------------
 

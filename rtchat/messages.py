@@ -30,6 +30,11 @@ def valid_room(room: str) -> bool:
     return ROOM_RE.match(room) is not None
 
 
+def valid_nick(nick: str, max_chars: int) -> bool:
+    """1 to ``max_chars`` characters, none of them control characters."""
+    return 0 < len(nick) <= max_chars and _NICK_BAD.search(nick) is None
+
+
 def valid_id(message_id: str) -> bool:
     return _ID_RE.match(message_id) is not None
 
@@ -87,7 +92,7 @@ def validate_input(
     if not isinstance(nick, str):
         raise InvalidMessage("bad_nick", "'nick' must be a string")
     nick = nick.strip()
-    if not nick or len(nick) > max_nick_chars or _NICK_BAD.search(nick):
+    if not valid_nick(nick, max_nick_chars):
         raise InvalidMessage(
             "bad_nick", f"'nick' must be 1-{max_nick_chars} printable characters")
     try:

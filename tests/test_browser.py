@@ -150,3 +150,26 @@ async def test_chat_page_two_tabs_see_each_others_messages(start_node, tmp_path)
             assert dialogs_one == [] and dialogs_two == []
         finally:
             await context.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_chat_page_comes_back_after_a_node_refused_its_stream(start_node, tmp_path) -> None:
+    """EventSource gives up on a 503 (a full or draining node); the page tries again itself."""
+    exe = require_tool("chromium")
+    node = await start_node(**{"limits.max_clients": 1})
+    blocker = await SSEClient.open(node.url, "full")
+    async with chromium(exe) as browser:
+        page = await browser.new_page(viewport=DESKTOP)
+        try:
+            await page.goto(node.url + "/rooms/full")
+            state = "document.getElementById('state').dataset.state"
+            await page.wait_for_function(f"{state} === 'reconnecting'", timeout=WAIT_MS)
+            await blocker.aclose()  # room on the node again
+            await page.wait_for_function(f"{state} === 'connected'", timeout=WAIT_MS)
+            r = await node.post("full", "after the refusal")
+            assert r.code == 201
+            await page.wait_for_function(text_is("#log li:last-child .text", "after the refusal"),
+                                         timeout=WAIT_MS)
+            await page.screenshot(path=str(tmp_path / "chat-reconnected.png"))
+        finally:
+            await page.close()

@@ -6,6 +6,7 @@ import pytest
 from conftest import make_config
 
 from rtchat import hub as hub_mod
+from rtchat.broker.base import replay_is_complete
 from rtchat.broker.memory import MemoryBroker
 from rtchat.hub import Hub, Stream
 from rtchat.metrics import Metrics
@@ -166,3 +167,41 @@ def test_a_failed_subscribe_rolls_back_so_the_next_client_retries() -> None:
         finally:
             await hub.close()
     asyncio.run(go())
+
+
+def test_a_join_while_the_rooms_unsubscribe_is_in_flight_ends_subscribed() -> None:
+    async def go() -> None:
+        cfg = make_config()
+        broker = MemoryBroker(cfg, "n")
+        hub = Hub(cfg, broker, Metrics(), "n")
+        await hub.start()
+        try:
+            async with hub.connect("room", "a", "ip", "ua"):
+                pass
+            hub._unsubscribe_if_empty("room")  # the delayed unsubscribe fires...
+            async with hub.connect("room", "b", "ip", "ua") as s:  # ...as a client arrives
+                await asyncio.sleep(0.01)
+                assert broker._subscribed == {"room"}
+                sink = RecordingSink()
+                s.attach(sink)
+                await hub.publish("room", "x", "still delivered")
+                await asyncio.sleep(0)
+                assert b"still delivered" in b"".join(sink.writes)
+        finally:
+            await hub.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("last_id", "first_prev", "newest", "complete"), [
+    ("5-0", "5-0", "9-0", True),  # the next message follows the client's
+    ("5-0", "4-0", "9-0", False),  # something between was trimmed
+    ("5-0", None, "5-0", True),  # nothing newer, and the client has the newest
+    ("5-0", None, "3-0", False),  # the stream went back in time: lost in a restart
+    ("5-0", None, None, False),  # the room's history is gone
+    ("0-0", None, None, True),  # from the start, in an empty room
+    ("0-0", "", "2-0", True),  # from the start: the first message ever
+    ("0-0", "1-0", "2-0", False),  # from the start, but the oldest were trimmed
+])
+def test_the_prev_chain_decides_whether_a_replay_is_complete(last_id, first_prev, newest,
+                                                              complete) -> None:
+    assert replay_is_complete(last_id, first_prev, newest) is complete

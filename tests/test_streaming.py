@@ -253,3 +253,19 @@ async def test_drain_closes_streams_and_refuses_new_ones(start_node) -> None:
         await c.aclose()
     await late.aclose()
     assert node.hub.client_count == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_page_of_an_empty_room_misses_nothing_posted_before_its_stream(start_node) -> None:
+    node = await start_node()
+    page = (await node.fetch("/rooms/fresh")).body.decode()
+    assert 'var lastId = "0-0";' in page  # the page resumes an empty room from the start
+    await node.post("fresh", "posted between page and stream")
+    client = await SSEClient.open(node.url, "fresh", query_last_event_id="0-0")
+    try:
+        ev = await client.next_event()
+        while ev.event == "presence":
+            ev = await client.next_event()
+        assert ev.event == "message" and ev.json()["text"] == "posted between page and stream"
+    finally:
+        await client.aclose()

@@ -66,6 +66,22 @@ class Presence:
     nicks: list[str] = field(default_factory=list)
 
 
+FROM_START = "0-0"  # a resume id meaning "everything the room holds": no message has this id
+
+
+def replay_is_complete(last_id: str, first_prev: str | None, newest: str | None) -> bool:
+    """Whether history holds every message after ``last_id`` (the ``prev`` chain decides).
+
+    ``first_prev`` is the ``prev`` of the first message after ``last_id`` (None if
+    there is none), ``newest`` the newest id held (None if the room is empty).
+    """
+    if last_id == FROM_START:
+        return first_prev is None or first_prev == ""
+    if first_prev is not None:
+        return first_prev == last_id
+    return newest == last_id
+
+
 class Broker(Protocol):
     """A message bus with per-room history. See the module docstring for the delivery contract."""
 

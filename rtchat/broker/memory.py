@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rtchat.broker.base import Deliver, NodeStats, Presence, Published, Replay
+from rtchat.broker.base import (
+    Deliver,
+    NodeStats,
+    Presence,
+    Published,
+    Replay,
+    replay_is_complete,
+)
 from rtchat.config import Config
 from rtchat.messages import Message, id_key
 
@@ -88,8 +95,8 @@ class MemoryBroker:
         key = id_key(last_id)
         after = [m for m in msgs if m.key > key]
         oldest = msgs[0].id if msgs else ""
-        # The prev chain proves continuity; with nothing newer, the id must be the newest held.
-        ok = after[0].prev == last_id if after else bool(msgs) and msgs[-1].id == last_id
+        ok = replay_is_complete(last_id, after[0].prev if after else None,
+                                msgs[-1].id if msgs else None)
         return Replay(after, truncated=not ok, oldest=oldest)
 
     async def subscribe(self, room: str) -> None:

@@ -63,7 +63,15 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from rtchat.broker.base import BrokerUnavailable, Deliver, NodeStats, Presence, Published, Replay
+from rtchat.broker.base import (
+    BrokerUnavailable,
+    Deliver,
+    NodeStats,
+    Presence,
+    Published,
+    Replay,
+    replay_is_complete,
+)
 from rtchat.config import Config, RedisConfig, mask_url
 from rtchat.messages import Message, id_key, valid_id
 
@@ -592,8 +600,8 @@ class RedisBroker:
         after, first, newest = await self._read(self._read_endpoints(), read)
         msgs = [self._message(room, e) for e in after]
         oldest = first[0][0] if first else ""
-        # The prev chain proves continuity; with nothing newer, the id must be the newest held.
-        ok = msgs[0].prev == last_id if msgs else bool(newest) and newest[0][0] == last_id
+        ok = replay_is_complete(last_id, msgs[0].prev if msgs else None,
+                                newest[0][0] if newest else None)
         return Replay(msgs, truncated=not ok, oldest=oldest)
 
     # -- subscriptions ---------------------------------------------------------------------
@@ -1057,6 +1065,9 @@ class RedisBroker:
                 self._lost_reason = reason
                 log.warning("cannot subscribe on %s: %s", target.label, _error_text(e))
                 return False
+            except BaseException:  # cancelled (close() stops the monitor mid-switch)
+                await asyncio.shield(sub.close())
+                raise
             self._sub = sub
             self._lost_from, self._lost_reason = None, ""
         record = sub.record

@@ -17,7 +17,7 @@ from rtchat import sse
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
 from rtchat.hub import Stream
-from rtchat.messages import valid_id, valid_room
+from rtchat.messages import valid_id, valid_nick, valid_room
 
 
 class SocketSink:
@@ -68,7 +68,7 @@ class EventStreamHandler(ApiHandler):
         if last_id and not valid_id(last_id):
             raise self.reject(400, "bad_last_event_id", "Last-Event-ID must look like <ms>-<seq>")
         nick = self.get_query_argument("nick", "").strip()
-        if len(nick) > cfg.limits.max_nick_chars or any(ord(c) < 32 for c in nick):
+        if nick and not valid_nick(nick, cfg.limits.max_nick_chars):
             raise self.reject(400, "bad_nick",
                               f"nick must be at most {cfg.limits.max_nick_chars} printable characters")
         if hub.draining:

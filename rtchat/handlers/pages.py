@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tornado.web
 
-from rtchat.broker.base import BrokerUnavailable
+from rtchat.broker.base import FROM_START, BrokerUnavailable
 from rtchat.handlers.base import PageHandler
 from rtchat.messages import valid_room
 
@@ -24,7 +24,8 @@ class ChatPageHandler(PageHandler):
             "chat.html",
             room=room,
             history=[m.public_dict() for m in history],
-            last_id=history[-1].id if history else "",
+            # An empty room resumes "from the start": nothing posted after this render is missed.
+            last_id=history[-1].id if history else FROM_START,
             max_message_bytes=self.ctx.cfg.limits.max_message_bytes,
             max_nick_chars=self.ctx.cfg.limits.max_nick_chars,
         )
