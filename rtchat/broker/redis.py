@@ -83,6 +83,7 @@ READ_POLL = 1.0  # the pub/sub reader wakes at least this often
 FAILOVER_HISTORY = 50
 SENTINEL_REFRESH_CHECKS = 3  # re-read the topology every this many health checks
 SWITCH_BACK_CHECKS = 3  # clean checks in a row before leaving the master for a replica
+CATCH_UP_PER_ROOM = 0.005  # seconds a switch allows per room for its catch-up read
 _ZERO = (0, 0)
 
 # KEYS[1] room stream. ARGV: maxlen, ttl, channel, nick, text, ts, node, body.
@@ -1056,7 +1057,10 @@ class RedisBroker:
                               "to": target.label, "reason": reason, "recovered": 0}
             try:
                 await asyncio.wait_for(sub.open(list(self._rooms.values())), SOCKET_TIMEOUT * 2)
-                await asyncio.wait_for(asyncio.shield(sub.opened), max(5.0, self._interval * 3))
+                # Each room's catch-up is one XRANGE, read in turn as its SUBSCRIBE is
+                # confirmed: the budget grows with the rooms, so a busy node can switch.
+                budget = max(5.0, self._interval * 3) + CATCH_UP_PER_ROOM * len(self._rooms)
+                await asyncio.wait_for(asyncio.shield(sub.opened), budget)
             except (RedisError, OSError, BrokerUnavailable, asyncio.TimeoutError) as e:
                 await sub.close()
                 target.note_failure(e)
