@@ -407,25 +407,30 @@ class Hub:
             finally:
                 timer.cancel()
             self._presence_wakeup.clear()
-            dirty, self._presence_dirty = self._presence_dirty, set()
-            if loop.time() >= next_full:
+            changed, self._presence_dirty = self._presence_dirty, set()
+            rooms = set(changed)
+            if loop.time() >= next_full:  # other nodes' clients come and go too
                 next_full = loop.time() + PRESENCE_REFRESH
-                dirty |= set(self._rooms)
-            for room in dirty:
+                rooms |= set(self._rooms)
+            for room in rooms:
                 if self._closing:
                     return
                 try:
-                    await self._refresh_presence(room)
+                    await self._refresh_presence(room, write=room in changed)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # the broker is down: presence waits for it
                     log.debug("presence refresh for %s failed: %s", room, e)
+                    if room in changed:
+                        self._presence_dirty.add(room)  # write it on the next round
             await asyncio.sleep(PRESENCE_BATCH)
 
-    async def _refresh_presence(self, room: str) -> None:
-        state = self._rooms.get(room)
-        nicks = Counter(s.nick for s in state.streams) if state is not None else Counter()
-        await self.broker.set_presence(room, nicks)
+    async def _refresh_presence(self, room: str, write: bool) -> None:
+        """Record this node's clients of ``room`` (when they changed), then read the cluster's."""
+        if write:
+            state = self._rooms.get(room)
+            nicks = Counter(s.nick for s in state.streams) if state is not None else Counter()
+            await self.broker.set_presence(room, nicks)
         state = self._rooms.get(room)
         if state is None or not state.streams:
             return
