@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import jinja2
 import tornado.web
 
+from rtchat.broker.base import BrokerUnavailable
 from rtchat.config import Config
 from rtchat.hub import Hub
 from rtchat.metrics import Metrics
@@ -81,8 +82,9 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(template.render(version=self.ctx.version, **context))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        # Refusals are answers, not server faults; anything else is logged once, server side.
-        if isinstance(value, tornado.web.HTTPError):
+        # Refusals and a broker that is down are answers, not server faults; anything else
+        # is logged once, server side.
+        if isinstance(value, (tornado.web.HTTPError, BrokerUnavailable)):
             return
         super().log_exception(typ, value, tb)
 
@@ -115,6 +117,10 @@ class ApiHandler(BaseHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, BrokerUnavailable):  # any handler's broker call: 503, try again soon
+            status_code = 503
+            self.set_status(status_code)
+            exc = self.reject(503, "broker_unavailable", exc.reason, retry_after=exc.retry_after)
         code = _DEFAULT_CODES.get(status_code, "error")
         message = self._reason
         if isinstance(exc, ApiError):

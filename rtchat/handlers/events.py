@@ -84,10 +84,10 @@ class EventStreamHandler(ApiHandler):
                 head = await self._catch_up(stream, room, last_id)
                 self._start_stream(head)
                 await self._pump(stream)
-        except BrokerUnavailable as e:
+        except BrokerUnavailable:
             if self._headers_written:
                 return  # the stream already started; the client reconnects and resumes
-            raise self.reject(503, "broker_unavailable", e.reason, retry_after=e.retry_after) from None
+            raise  # 503, from ApiHandler.write_error
 
     async def _catch_up(self, stream: Stream, room: str, last_id: str) -> bytes:
         """The frames a resuming client missed, with ``reset`` first if history has a gap."""

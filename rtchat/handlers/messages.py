@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
 from rtchat.messages import InvalidMessage, valid_room, validate_input
 from rtchat.ratelimit import RateLimiter
@@ -39,11 +38,7 @@ class MessagesHandler(RoomApiHandler):
         if wait > 0:
             raise self.reject(429, "rate_limited", "too many messages; slow down",
                               retry_after=RateLimiter.retry_after(wait))
-        try:
-            published = await self.ctx.hub.publish(room, nick, text)
-        except BrokerUnavailable as e:
-            raise self.reject(503, "broker_unavailable", f"message not stored: {e.reason}",
-                              retry_after=e.retry_after) from None
+        published = await self.ctx.hub.publish(room, nick, text)  # BrokerUnavailable: 503
         body: dict[str, Any] = {"id": published.message.id}
         if published.replicated is not None:
             body["replicated"] = published.replicated
@@ -74,20 +69,14 @@ class MessagesHandler(RoomApiHandler):
             limit = -1
         if not 1 <= limit <= size:
             raise self.reject(400, "bad_limit", f"limit must be an integer from 1 to {size}")
-        try:
-            history = await self.ctx.hub.broker.history(room, limit)
-        except BrokerUnavailable as e:
-            raise self.reject(503, "broker_unavailable", e.reason, retry_after=e.retry_after) from None
+        history = await self.ctx.hub.broker.history(room, limit)
         self.write_json({"messages": [m.public_dict() for m in history]})
 
 
 class PresenceHandler(RoomApiHandler):
     async def get(self, room: str) -> None:
         self.check_room(room)
-        try:
-            presence = await self.ctx.hub.broker.presence(room)
-        except BrokerUnavailable as e:
-            raise self.reject(503, "broker_unavailable", e.reason, retry_after=e.retry_after) from None
+        presence = await self.ctx.hub.broker.presence(room)
         self.write_json({"room": room, "count": presence.count,
                          "nicks": [n for n in presence.nicks if n]})
 
