@@ -1,6 +1,8 @@
 """The hub's stream outbox and room bookkeeping, with the embedded broker."""
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from conftest import make_config
@@ -10,6 +12,18 @@ from rtchat.broker.base import replay_is_complete
 from rtchat.broker.memory import MemoryBroker
 from rtchat.hub import Hub, Stream
 from rtchat.metrics import Metrics
+
+
+@contextlib.asynccontextmanager
+async def running_hub(broker_class: type[MemoryBroker] = MemoryBroker) -> AsyncIterator[Hub]:
+    """A started hub on an embedded broker (or a subclass of it), closed on exit."""
+    cfg = make_config()
+    hub = Hub(cfg, broker_class(cfg, "n"), Metrics(), "n")
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.close()
 
 
 def make_stream(max_queue: int = 3) -> Stream:
@@ -116,11 +130,8 @@ def test_rooms_subscribe_on_first_and_unsubscribe_on_last_after_a_delay(monkeypa
     monkeypatch.setattr(hub_mod, "UNSUBSCRIBE_DELAY", 0.05)
 
     async def go() -> None:
-        cfg = make_config()
-        broker = MemoryBroker(cfg, "n")
-        hub = Hub(cfg, broker, Metrics(), "n")
-        await hub.start()
-        try:
+        async with running_hub() as hub:
+            broker = hub.broker
             async with hub.connect("room", "a", "ip", "ua") as s1:
                 assert broker._subscribed == {"room"}
                 async with hub.connect("room", "b", "ip", "ua"):
@@ -137,8 +148,6 @@ def test_rooms_subscribe_on_first_and_unsubscribe_on_last_after_a_delay(monkeypa
                     break
                 await asyncio.sleep(0.01)
             assert broker._subscribed == set()
-        finally:
-            await hub.close()
     asyncio.run(go())
 
 
@@ -153,29 +162,21 @@ def test_a_failed_subscribe_rolls_back_so_the_next_client_retries() -> None:
             await super().subscribe(room)
 
     async def go() -> None:
-        cfg = make_config()
-        broker = FlakyBroker(cfg, "n")
-        hub = Hub(cfg, broker, Metrics(), "n")
-        await hub.start()
-        try:
+        async with running_hub(FlakyBroker) as hub:
+            broker = hub.broker
             with pytest.raises(ConnectionError):
                 async with hub.connect("room", "a", "ip", "ua"):
                     pass
             assert hub.client_count == 0
             async with hub.connect("room", "a", "ip", "ua"):
                 assert broker._subscribed == {"room"}
-        finally:
-            await hub.close()
     asyncio.run(go())
 
 
 def test_a_join_while_the_rooms_unsubscribe_is_in_flight_ends_subscribed() -> None:
     async def go() -> None:
-        cfg = make_config()
-        broker = MemoryBroker(cfg, "n")
-        hub = Hub(cfg, broker, Metrics(), "n")
-        await hub.start()
-        try:
+        async with running_hub() as hub:
+            broker = hub.broker
             async with hub.connect("room", "a", "ip", "ua"):
                 pass
             hub._unsubscribe_if_empty("room")  # the delayed unsubscribe fires...
@@ -187,8 +188,6 @@ def test_a_join_while_the_rooms_unsubscribe_is_in_flight_ends_subscribed() -> No
                 await hub.publish("room", "x", "still delivered")
                 await asyncio.sleep(0)
                 assert b"still delivered" in b"".join(sink.writes)
-        finally:
-            await hub.close()
     asyncio.run(go())
 
 
