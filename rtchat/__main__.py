@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "check-config":
         return check_config(args[1:])
+    if args and args[0] == "hash-password":
+        return hash_password(args[1:])
     if args and args[0] == "bench":
         from rtchat import bench
 
@@ -50,10 +52,35 @@ def check_config(args: list[str]) -> int:
     return 0
 
 
+def hash_password(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rtchat hash-password",
+        description="Print an scrypt hash for admin.password_hash. Reads the password from "
+                    "standard input (one line), or asks for it twice on a terminal.")
+    parser.parse_args(args)
+    from rtchat.admin.access import hash_password as make_hash
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("admin password: ")
+        if getpass.getpass("again: ") != password:
+            print("rtchat: the two passwords differ", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("rtchat: an empty password is no password", file=sys.stderr)
+        return EXIT_USAGE
+    print(make_hash(password))
+    return 0
+
+
 def run(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="rtchat",
-        description="Run an rtchat node. Subcommands: 'rtchat check-config PATH', 'rtchat bench ...'.")
+        description="Run an rtchat node. Subcommands: 'rtchat check-config PATH', "
+                    "'rtchat hash-password', 'rtchat bench ...'.")
     parser.add_argument("--config", help="YAML config file (default: $RTCHAT_CONFIG, else built-in)")
     parser.add_argument("--host", help="listen address (overrides http.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides http.port)")
@@ -91,39 +118,22 @@ def _use_uvloop() -> None:
 
 
 async def serve(cfg: config_mod.Config, path: str | None) -> int:
-    from tornado.httpserver import HTTPServer
+    from rtchat.node import build_node
 
-    from rtchat.app import make_app
-    from rtchat.broker import make_broker
-    from rtchat.hub import Hub
-    from rtchat.metrics import Metrics
-
-    node_id = cfg.node_id
-    metrics = Metrics()
-    broker = make_broker(cfg, node_id)
-    metrics.watch_broker(broker.status)
-    hub = Hub(cfg, broker, metrics, node_id)
+    node = build_node(cfg)
+    hub = node.hub
     log.info("starting node %s (rtchat %s, %s broker, config %s)",
-             node_id, __version__, broker.kind, path or "built-in defaults")
-    app = make_app(cfg, hub, metrics)
-    server = HTTPServer(
-        app,
-        xheaders=cfg.http.xheaders,
-        # The handler answers 413 itself up to this; beyond it tornado drops the request.
-        max_body_size=max(cfg.limits.max_body_bytes * 4, 1 << 20),
-        idle_connection_timeout=3600,
-    )
+             hub.node_id, __version__, hub.broker.kind, path or "built-in defaults")
     sockets = _bind(cfg)
     ports = sorted({s.getsockname()[1] for s in sockets})
     # Before the hub starts, so its first heartbeat already names the real address.
     hub.address = f"{_public_host(cfg.http.host)}:{ports[0]}"
     try:
-        await hub.start()
+        await node.start(sockets)
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    server.add_sockets(sockets)
     log.info("listening on http://%s:%s", cfg.http.host, ",".join(map(str, ports)))
 
     stop = asyncio.Event()
@@ -136,8 +146,8 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
              hub.client_count, cfg.shutdown.drain_seconds)
     hub.draining = True
     await hub.drain(cfg.shutdown.drain_seconds)
-    server.stop()
-    await server.close_all_connections()
+    node.server.stop()
+    await node.server.close_all_connections()
     await hub.close()
     log.info("stopped")
     return 0

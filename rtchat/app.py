@@ -17,7 +17,9 @@ from rtchat.handlers.messages import MessagesHandler, PresenceHandler
 from rtchat.handlers.pages import ChatPageHandler
 from rtchat.hub import Hub
 from rtchat.metrics import Metrics
+from rtchat.proxies import ProxyTrust
 from rtchat.ratelimit import RateLimiter
+from rtchat.server import ServerState
 
 ROOM = r"([^/]+)"
 
@@ -39,14 +41,19 @@ def make_templates() -> jinja2.Environment:
     )
 
 
-def make_app(cfg: Config, hub: Hub, metrics: Metrics) -> tornado.web.Application:
+def make_app(cfg: Config, hub: Hub, metrics: Metrics,
+             server: ServerState | None = None) -> tornado.web.Application:
+    limits = cfg.limits
     ctx = AppContext(
         cfg=cfg,
         hub=hub,
         metrics=metrics,
         templates=make_templates(),
-        send_limiter=RateLimiter(cfg.limits.rate.messages_per_second, cfg.limits.rate.burst),
+        send_limiter=RateLimiter(limits.rate.messages_per_second, limits.rate.burst),
+        read_limiter=RateLimiter(limits.read_rate.requests_per_second, limits.read_rate.burst),
         version=__version__,
+        trust=ProxyTrust.from_config(cfg.http.xheaders, cfg.http.trusted_proxies),
+        server=server or ServerState(),
     )
     args = {"ctx": ctx}
     routes: list[tornado.web.URLSpec | tuple] = [

@@ -9,6 +9,7 @@ yaml. It knows nothing of tornado, redis or the hub.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -44,6 +45,15 @@ class HttpConfig:
     port: int = 8888
     xheaders: bool = False
     allowed_origins: tuple[str, ...] = ()
+    # Peers whose forwarding headers are believed (CIDRs). Empty with xheaders on = loopback only.
+    trusted_proxies: tuple[str, ...] = ()
+    # Host header values served (compared without the port); empty = any.
+    allowed_hosts: tuple[str, ...] = ()
+    frame_ancestors: str = "'self'"
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    idle_timeout_seconds: float = 60.0
+    max_header_bytes: int = 32768
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,8 @@ class SseConfig:
     heartbeat_seconds: float = 15.0
     retry_ms: int = 2000
     max_queue: int = 1000
+    max_buffer_bytes: int = 262144
+    write_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -91,12 +103,21 @@ class RateConfig:
 
 
 @dataclass(frozen=True)
+class ReadRateConfig:
+    requests_per_second: float = 20.0
+    burst: int = 60
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_message_bytes: int = 4096
     max_body_bytes: int = 16384
     max_nick_chars: int = 32
     max_clients: int = 20000
+    max_streams_per_address: int = 100
+    max_connections_per_address: int = 200
     rate: RateConfig = field(default_factory=RateConfig)
+    read_rate: ReadRateConfig = field(default_factory=ReadRateConfig)
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,8 @@ class AdminConfig:
     enabled: bool = True
     username: str = "admin"
     password: str | None = None
+    # scrypt hash made by `rtchat hash-password`, accepted instead of a plain password.
+    password_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,9 +172,19 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
                 "must be 'auto' or 1-64 characters of letters, digits, '_.:-'"),
     "http.port": (lambda v: 0 <= v <= 65535, "must be a TCP port, 0-65535"),
     "http.allowed_origins": (
-        lambda v: all(re.match(r"^https?://[^/]+$", o) for o in v),
+        lambda v: all(re.fullmatch(r"https?://[^/\s]+", o) for o in v),
         "every entry must be an origin like https://chat.example.com",
     ),
+    "http.trusted_proxies": (lambda v: all(_is_network(n) for n in v),
+                             "every entry must be an IP address or CIDR network, like 10.0.0.0/8"),
+    "http.allowed_hosts": (lambda v: all(re.fullmatch(r"[A-Za-z0-9.\-\[\]:*]+", h) for h in v),
+                           "every entry must be a host name or address, without a port"),
+    "http.frame_ancestors": (lambda v: re.fullmatch(r"[^;,\r\n]+", v) is not None,
+                             "must be CSP frame-ancestors sources, e.g. 'self' or 'none'"),
+    "http.header_timeout_seconds": _POSITIVE,
+    "http.body_timeout_seconds": _POSITIVE,
+    "http.idle_timeout_seconds": _POSITIVE,
+    "http.max_header_bytes": (lambda v: v >= 1024, "must be at least 1024"),
     "broker.redis.master": _REDIS_URL,
     "broker.redis.replicas": (lambda v: all(_REDIS_URL[0](u) for u in v), _REDIS_URL[1]),
     "broker.redis.sentinel.hosts": (
@@ -166,17 +199,33 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sse.heartbeat_seconds": _POSITIVE,
     "sse.retry_ms": _POSITIVE,
     "sse.max_queue": _POSITIVE,
+    "sse.max_buffer_bytes": (lambda v: v >= 4096, "must be at least 4096"),
+    "sse.write_timeout_seconds": _POSITIVE,
     "limits.max_message_bytes": _POSITIVE,
     "limits.max_body_bytes": _POSITIVE,
     "limits.max_nick_chars": _POSITIVE,
     "limits.max_clients": _POSITIVE,
     "limits.rate.messages_per_second": _POSITIVE,
     "limits.rate.burst": _POSITIVE,
+    "limits.max_streams_per_address": _POSITIVE,
+    "limits.max_connections_per_address": _POSITIVE,
+    "limits.read_rate.requests_per_second": _POSITIVE,
+    "limits.read_rate.burst": _POSITIVE,
+    "admin.password_hash": (lambda v: v.startswith("scrypt$") and v.count("$") == 5,
+                            "must be a hash made by 'rtchat hash-password' (scrypt$...)"),
     "admin.username": (lambda v: v != "" and ":" not in v, "must be non-empty without ':'"),
     "shutdown.drain_seconds": _NON_NEGATIVE,
 }
 
-_SECRETS = {"admin.password", "broker.redis.sentinel.password"}
+_SECRETS = {"admin.password", "admin.password_hash", "broker.redis.sentinel.password"}
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def load(

@@ -9,7 +9,10 @@ tornado or redis.
 
 The fan-out never awaits: each message is framed once, and the same bytes
 are appended to every stream of the room. A stream whose backlog passes
-``sse.max_queue`` is closed; its client resumes with Last-Event-ID.
+``sse.max_queue`` frames or ``sse.max_buffer_bytes`` bytes (its queue plus
+the write in flight), or whose write makes no progress for
+``sse.write_timeout_seconds``, is closed; its client resumes with
+Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -54,13 +57,15 @@ class Stream:
     """
 
     __slots__ = (
-        "_closed_waiter", "_dirty", "_key_skip", "_on_ready", "_queue", "_sink", "_writing",
-        "abort", "close_reason", "closed", "connected_at", "id", "last_event_id", "max_queue",
-        "nick", "remote", "room", "user_agent",
+        "_closed_waiter", "_dirty", "_inflight", "_key_skip", "_on_ready", "_queue",
+        "_queued_bytes", "_sink", "_writing", "abort", "close_reason", "closed", "connected_at",
+        "id", "last_event_id", "max_bytes", "max_queue", "nick", "remote", "room", "user_agent",
+        "write_started",
     )
 
     def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
-                 on_ready: Callable[[Stream], None] | None = None) -> None:
+                 on_ready: Callable[[Stream], None] | None = None,
+                 max_bytes: int = 1 << 62) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.room = room
         self.nick = nick
@@ -69,11 +74,15 @@ class Stream:
         self.connected_at = time.time()
         self.last_event_id = ""
         self.max_queue = max_queue
+        self.max_bytes = max_bytes
         self.closed = False
         self.close_reason = ""
         # Called (once) when the stream must drop its connection without a goodbye.
         self.abort: Callable[[], None] | None = None
         self._queue: deque[tuple[bytes, str | None]] = deque()
+        self._queued_bytes = 0
+        self._inflight = 0  # bytes handed to the sink and not yet written out
+        self.write_started = 0.0  # monotonic time of the write in flight (0.0: none)
         self._key_skip: tuple[int, int] | None = None
         self._sink: Sink | None = None
         self._writing = False
@@ -95,10 +104,12 @@ class Stream:
             if key <= self._key_skip:
                 return True  # already sent during catch-up
             self._key_skip = None
-        if len(self._queue) >= self.max_queue:
+        if (len(self._queue) >= self.max_queue
+                or self._queued_bytes + self._inflight + len(frame) > self.max_bytes):
             self.close("slow_client", abort=True)
             return False
         self._queue.append((frame, message_id))
+        self._queued_bytes += len(frame)
         if not self._dirty and not self._writing and self._sink is not None:
             self._dirty = True
             if self._on_ready is not None:
@@ -113,6 +124,7 @@ class Stream:
         self._key_skip = key
         self._queue = deque(
             (f, mid) for f, mid in self._queue if mid is None or id_key(mid) > key)
+        self._queued_bytes = sum(len(f) for f, _ in self._queue)
         if any(mid is not None for _, mid in self._queue):
             self._key_skip = None
 
@@ -124,6 +136,7 @@ class Stream:
     def take_pending(self) -> bytes:
         """Everything queued, as one chunk (and the queue emptied)."""
         queue = self._queue
+        self._queued_bytes = 0
         if len(queue) == 1:
             frame, mid = queue.popleft()
             if mid is not None:
@@ -142,20 +155,29 @@ class Stream:
         self._dirty = False
         if self.closed or self._writing or not self._queue or self._sink is None:
             return
+        chunk = self.take_pending()
         try:
-            written = self._sink(self.take_pending())
+            written = self._sink(chunk)
         except OSError as e:  # the client is gone (StreamClosedError is an OSError too)
             log.debug("stream %s: write failed: %s", self.id, e)
             self.close("client_gone")
             return
         if written is not None and not written.done():
             self._writing = True
+            self._inflight = len(chunk)
+            self.write_started = time.monotonic()
             written.add_done_callback(self._written)
         elif written is not None and (written.cancelled() or written.exception() is not None):
             self.close("client_gone")
 
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Whether a write has been in flight (the socket taking nothing) for over ``timeout``."""
+        return self._writing and now - self.write_started > timeout
+
     def _written(self, written: asyncio.Future[None]) -> None:
         self._writing = False
+        self._inflight = 0
+        self.write_started = 0.0
         if written.cancelled() or written.exception() is not None:
             self.close("client_gone")
         else:
@@ -175,6 +197,7 @@ class Stream:
         self.closed = True
         self.close_reason = reason
         self._queue.clear()
+        self._queued_bytes = 0
         if abort and self.abort is not None:
             self.abort()
         waiter = self._closed_waiter
@@ -186,6 +209,7 @@ class Stream:
             "id": self.id, "room": self.room, "nick": self.nick, "remote": self.remote,
             "user_agent": self.user_agent, "connected_at": self.connected_at,
             "last_event_id": self.last_event_id, "queue": len(self._queue),
+            "buffered_bytes": self._queued_bytes + self._inflight,
         }
 
 
@@ -214,6 +238,7 @@ class Hub:
         self.messages_out = 0  # message frames queued to this node's streams
         self._rooms: dict[str, _Room] = {}
         self._streams: dict[str, Stream] = {}
+        self._per_address: Counter[str] = Counter()  # open streams by client address
         self._tasks: list[asyncio.Task[None]] = []
         self._presence_dirty: set[str] = set()
         self._presence_wakeup = asyncio.Event()
@@ -231,6 +256,7 @@ class Hub:
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"),
             asyncio.create_task(self._presence_loop(), name="hub-presence"),
+            asyncio.create_task(self._stall_loop(), name="hub-stalls"),
         ]
 
     async def close(self) -> None:
@@ -267,6 +293,10 @@ class Hub:
     def streams(self) -> list[Stream]:
         return list(self._streams.values())
 
+    def streams_from(self, address: str) -> int:
+        """Open streams of one client address on this node."""
+        return self._per_address.get(address, 0)
+
     def disconnect(self, client_id: str) -> bool:
         stream = self._streams.get(client_id)
         if stream is None:
@@ -281,7 +311,8 @@ class Hub:
 
         Raises BrokerUnavailable when the room cannot be subscribed.
         """
-        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready)
+        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready,
+                        max_bytes=self.cfg.sse.max_buffer_bytes)
         await self._join(stream)
         try:
             yield stream
@@ -313,12 +344,16 @@ class Hub:
             await asyncio.shield(state.ready)
         state.streams.add(stream)
         self._streams[stream.id] = stream
+        self._per_address[stream.remote] += 1
         self.metrics.clients.set(len(self._streams))
         self._mark_presence(stream.room)
 
     def _leave(self, stream: Stream) -> None:
         if self._streams.pop(stream.id, None) is None:
             return
+        self._per_address[stream.remote] -= 1
+        if self._per_address[stream.remote] <= 0:
+            del self._per_address[stream.remote]
         if not self._streams:
             self._all_gone.set()
         self.metrics.clients.set(len(self._streams))
@@ -391,6 +426,17 @@ class Hub:
             await asyncio.sleep(interval)
             for stream in tuple(self._streams.values()):
                 stream.push(sse.PING)
+
+    async def _stall_loop(self) -> None:
+        """Close streams whose socket has taken nothing for ``sse.write_timeout_seconds``."""
+        timeout = self.cfg.sse.write_timeout_seconds
+        interval = min(1.0, timeout / 4)
+        while not self._closing:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for stream in tuple(self._streams.values()):
+                if stream.stalled(now, timeout):
+                    stream.close("slow_client", abort=True)
 
     def _mark_presence(self, room: str) -> None:
         self._presence_dirty.add(room)

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 
-ROOM_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
-# Control characters other than tab and newline have no place in a nick.
-_NICK_BAD = re.compile(r"[\x00-\x1f\x7f]")
+# Every rule here is matched whole (fullmatch) and in ASCII: "lobby\n" is not "lobby",
+# and "١٢٣" (Arabic-Indic digits) is not a number.
+ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
+_DIGITS_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
+_U64_MAX = (1 << 64) - 1
+# Unicode categories no nick may hold: controls, format (zero-width, bidi), surrogates,
+# private use, line and paragraph separators.
+_NICK_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+# Text may hold newlines, tabs and emoji (whose joiners are Cf), but not other controls,
+# lone surrogates, or the bidi embeddings, overrides and isolates that reorder what others see.
+_TEXT_BAD = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 
 
 class InvalidMessage(ValueError):
@@ -27,16 +36,40 @@ class InvalidMessage(ValueError):
 
 
 def valid_room(room: str) -> bool:
-    return ROOM_RE.match(room) is not None
+    return ROOM_RE.fullmatch(room) is not None
+
+
+def normalize_nick(nick: str, max_chars: int) -> str | None:
+    """The nick as stored (NFKC, trimmed), or None when it is not acceptable.
+
+    Acceptable: 1 to ``max_chars`` characters after normalisation, none in the
+    categories Cc, Cf, Cs, Co, Zl, Zp, and at least one visible character.
+    """
+    nick = unicodedata.normalize("NFKC", nick)
+    visible = False
+    for ch in nick:  # before trimming: str.strip() would drop a trailing NEL or U+2029
+        category = unicodedata.category(ch)
+        if category in _NICK_BAD_CATEGORIES:
+            return None
+        if category[0] != "Z":
+            visible = True
+    nick = nick.strip()
+    return nick if visible and len(nick) <= max_chars else None
 
 
 def valid_nick(nick: str, max_chars: int) -> bool:
-    """1 to ``max_chars`` characters, none of them control characters."""
-    return 0 < len(nick) <= max_chars and _NICK_BAD.search(nick) is None
+    return normalize_nick(nick, max_chars) is not None
 
 
 def valid_id(message_id: str) -> bool:
-    return _ID_RE.match(message_id) is not None
+    """``<ms>-<seq>``, ASCII digits, each part within the 64-bit range Redis uses."""
+    m = _ID_RE.fullmatch(message_id)
+    return m is not None and int(m[1]) <= _U64_MAX and int(m[2]) <= _U64_MAX
+
+
+def parse_limit(raw: str) -> int | None:
+    """A whole number of ASCII digits, or None."""
+    return int(raw) if _DIGITS_RE.fullmatch(raw) else None
 
 
 def id_key(message_id: str) -> tuple[int, int]:
@@ -87,16 +120,16 @@ def validate_input(
     if len(text.encode("utf-8", "surrogatepass")) > max_message_bytes:
         raise InvalidMessage(
             "message_too_large", f"'text' is longer than {max_message_bytes} bytes", status=413)
+    if _TEXT_BAD.search(text) is not None:
+        raise InvalidMessage(
+            "bad_text", "'text' must not hold control characters, lone surrogates or bidi overrides")
     if nick is None or nick == "":
         nick = "anonymous"
     if not isinstance(nick, str):
         raise InvalidMessage("bad_nick", "'nick' must be a string")
-    nick = nick.strip()
-    if not valid_nick(nick, max_nick_chars):
+    normalized = normalize_nick(nick, max_nick_chars)
+    if normalized is None:
         raise InvalidMessage(
-            "bad_nick", f"'nick' must be 1-{max_nick_chars} printable characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidMessage("bad_text", "'text' is not valid unicode") from None
-    return nick, text
+            "bad_nick", f"'nick' must be 1-{max_nick_chars} characters with a visible one, "
+                        "and no control, format or separator characters")
+    return normalized, text

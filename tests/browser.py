@@ -1,5 +1,10 @@
 """Headless Chromium for tests: the system browser driven by playwright, never a downloaded one.
 
+Pages are opened with ``bypass_csp=True`` where a test evaluates its own
+script in them (playwright's ``wait_for_function`` is an eval, which the
+pages' Content-Security-Policy rightly forbids); tests/hostile checks the
+pages under their real policy.
+
 ``async with chromium(path) as browser`` launches ``/usr/bin/chromium`` (from
 ``require_tool("chromium")``) with flags that keep it off the network, and
 closes it on every exit path. ``watch_dialogs(page)`` records any

@@ -32,10 +32,18 @@ def substitute(text: str, replacements: list[tuple[str, str, int]], name: str) -
     return "".join(lines)
 
 
-def nginx_conf(listen_port: int, node_ports: tuple[int, int], workdir: Path) -> str:
-    """conf/nginx.conf listening on 127.0.0.1:``listen_port`` in front of two local nodes."""
+NGINX_PER_ADDRESS = "limit_conn rtchat_per_address 200;"
+
+
+def nginx_conf(listen_port: int, node_ports: tuple[int, int], workdir: Path,
+               connections_per_address: int = 200) -> str:
+    """conf/nginx.conf listening on 127.0.0.1:``listen_port`` in front of two local nodes.
+
+    Load tests raise ``connections_per_address``: all their clients are 127.0.0.1.
+    """
     port_a, port_b = node_ports
     return substitute((CONF / "nginx.conf").read_text(), [
+        (NGINX_PER_ADDRESS, f"limit_conn rtchat_per_address {connections_per_address};", 1),
         ("listen 80;", f"listen 127.0.0.1:{listen_port};", 1),
         ("server rtchat-a:8888", f"server 127.0.0.1:{port_a}", 1),
         ("server rtchat-b:8888", f"server 127.0.0.1:{port_b}", 1),

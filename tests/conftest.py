@@ -24,10 +24,8 @@ from probes import free_port, http_get, wait_for
 from tornado.httpserver import HTTPServer
 
 from rtchat import config as config_mod
-from rtchat.app import make_app
-from rtchat.broker import make_broker
 from rtchat.hub import Hub
-from rtchat.metrics import Metrics
+from rtchat.node import build_node
 
 pytest_plugins = ["redis_servers"]
 
@@ -99,20 +97,14 @@ def start_node(io_loop: Any) -> Iterator[Callable[..., Any]]:
 
     async def start(**overrides: Any) -> Node:
         cfg = make_config(**overrides)
-        metrics = Metrics()
-        broker = make_broker(cfg, cfg.node_id)
-        metrics.watch_broker(broker.status)
-        hub = Hub(cfg, broker, metrics, cfg.node_id)
-        await hub.start()
-        server = HTTPServer(make_app(cfg, hub, metrics), xheaders=cfg.http.xheaders,
-                            max_body_size=max(cfg.limits.max_body_bytes * 4, 1 << 20))
+        built = build_node(cfg)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.listen(1024)
         sock.setblocking(False)
-        server.add_sockets([sock])
-        node = Node(cfg, hub, server, sock.getsockname()[1])
+        await built.start([sock])
+        node = Node(cfg, built.hub, built.server, sock.getsockname()[1])
         nodes.append(node)
         return node
 

@@ -122,6 +122,13 @@ class RedisServer(ManagedProcess):
         wait_for(ready, timeout, f"{self.name} to serve")
 
 
+LOAD_TEST_LIMITS = {
+    "RTCHAT_LIMITS__MAX_STREAMS_PER_ADDRESS": "100000",
+    "RTCHAT_LIMITS__READ_RATE__BURST": "100000",
+    "RTCHAT_LIMITS__READ_RATE__REQUESTS_PER_SECOND": "100000",
+}
+
+
 class ClusterNode(ManagedProcess):
     """``python -m rtchat --config conf/cluster-node.yaml`` with RTCHAT_* overrides.
 
@@ -134,6 +141,9 @@ class ClusterNode(ManagedProcess):
         self.port = free_port()
         self.node_id = node_id
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RTCHAT_")}
+        # Every test client comes from 127.0.0.1: one address with hundreds of streams,
+        # where the per-address caps assume a person's handful.
+        full_env.update(LOAD_TEST_LIMITS)
         full_env.update(env)
         full_env.update({
             "RTCHAT_NODE__ID": node_id,
@@ -160,12 +170,15 @@ class ClusterNode(ManagedProcess):
 class NginxServer(ManagedProcess):
     """nginx running the templated conf/nginx.conf in front of two nodes, in the foreground."""
 
-    def __init__(self, workdir: Path, node_ports: tuple[int, int]) -> None:
+    def __init__(self, workdir: Path, node_ports: tuple[int, int],
+                 connections_per_address: int = 60000) -> None:
         self.port = free_port()
         self.workdir = workdir / "nginx"
         self.workdir.mkdir(parents=True)
         self.conf_path = self.workdir / "nginx.conf"
-        self.conf_path.write_text(nginx_conf(self.port, node_ports, self.workdir))
+        # By default every test client (all 127.0.0.1) fits under nginx's per-address cap.
+        self.conf_path.write_text(nginx_conf(self.port, node_ports, self.workdir,
+                                             connections_per_address))
         # access_log goes to /dev/stdout, error_log to /dev/stderr, as in a container.
         super().__init__(f"nginx :{self.port}",
                          [require_tool("nginx"), "-p", str(self.workdir), "-e", "stderr",

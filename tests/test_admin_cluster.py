@@ -132,7 +132,7 @@ async def test_admin_page_draws_the_cluster_and_marks_the_dead_replica_red(
         st = await status_until(a, lambda s: node_ids(s) == ["node-a", "node-b"] and all_healthy(s)
                                 and s["redis"]["subscribed_endpoint"], "a healthy cluster")
         async with chromium(exe) as browser:
-            page = await browser.new_page(viewport=DESKTOP)
+            page = await browser.new_page(viewport=DESKTOP, bypass_csp=True)
             try:
                 await page.goto(a.url + "/admin")
                 await page.wait_for_function(

@@ -33,7 +33,7 @@ async def test_admin_page_counts_a_new_client_live_and_shows_markup_as_text(star
     node = await start_node(**{"node.id": "browser-node"})
     client = None
     async with chromium(exe) as browser:
-        page = await browser.new_page(viewport=DESKTOP)
+        page = await browser.new_page(viewport=DESKTOP, bypass_csp=True)
         dialogs = watch_dialogs(page)
         try:
             await page.goto(node.url + "/admin")
@@ -84,7 +84,7 @@ async def test_admin_page_polls_when_event_stream_fails(start_node, tmp_path) ->
     node = await start_node()
     client = None
     async with chromium(exe) as browser:
-        page = await browser.new_page(viewport=DESKTOP)
+        page = await browser.new_page(viewport=DESKTOP, bypass_csp=True)
         try:
             await page.route("**/admin/api/events", lambda route: route.abort())
             await page.goto(node.url + "/admin")
@@ -121,7 +121,7 @@ async def test_chat_page_two_tabs_see_each_others_messages(start_node, tmp_path)
     exe = require_tool("chromium")
     node = await start_node()
     async with chromium(exe) as browser:
-        context = await browser.new_context(viewport=DESKTOP)
+        context = await browser.new_context(viewport=DESKTOP, bypass_csp=True)
         try:
             one, two = await context.new_page(), await context.new_page()
             dialogs_one, dialogs_two = watch_dialogs(one), watch_dialogs(two)
@@ -159,7 +159,7 @@ async def test_chat_page_comes_back_after_a_node_refused_its_stream(start_node, 
     node = await start_node(**{"limits.max_clients": 1})
     blocker = await SSEClient.open(node.url, "full")
     async with chromium(exe) as browser:
-        page = await browser.new_page(viewport=DESKTOP)
+        page = await browser.new_page(viewport=DESKTOP, bypass_csp=True)
         try:
             await page.goto(node.url + "/rooms/full")
             state = "document.getElementById('state').dataset.state"

@@ -1,34 +1,56 @@
 """Who may use the admin pages: HTTP Basic credentials, the loopback rule, the login throttle.
 
 Pure decisions, no HTTP framework: the handlers pass in the Authorization
-header and the client address (already the forwarded one when
-``http.xheaders`` is on) and turn the verdict into a status code.
+header and the client address (the forwarded one only from a trusted proxy,
+see rtchat.proxies) and turn the verdict into a status code. Passwords are
+checked against ``admin.password`` or an scrypt ``admin.password_hash``
+(``rtchat hash-password`` makes one), always in constant time.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
-import ipaddress
+import secrets
 import time
 from collections.abc import Callable
 
+from rtchat.proxies import is_loopback
 from rtchat.ratelimit import RateLimiter
+
+__all__ = ["REALM", "LoginThrottle", "basic_credentials", "credentials_match", "hash_password",
+           "is_loopback", "password_matches"]
 
 REALM = "rtchat admin"
 FAILED_LOGINS_PER_MINUTE = 10
 
 
-def is_loopback(address: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
+# scrypt cost: 2^14 x 8 x 1 takes ~50 ms and 16 MiB here; the throttle bounds how often.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """``scrypt$<n>$<r>$<p>$<salt>$<hash>`` (base64), for ``admin.password_hash``."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def password_matches(password: str, encoded: str) -> bool:
+    """Whether ``password`` hashes to ``encoded`` (made by :func:`hash_password`)."""
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+        _, n, r, p, salt, digest = encoded.split("$")
+        expected = base64.b64decode(digest, validate=True)
+        given = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt, validate=True),
+                               n=int(n), r=int(r), p=int(p), dklen=len(expected),
+                               maxmem=256 * 1024 * 1024)
+    except (ValueError, binascii.Error):
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    return hmac.compare_digest(given, expected)
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -48,10 +70,14 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def credentials_match(given: tuple[str, str], username: str, password: str) -> bool:
+def credentials_match(given: tuple[str, str], username: str, password: str | None,
+                      password_hash: str | None = None) -> bool:
     """Constant-time comparison of both parts; both are always compared."""
     user_ok = hmac.compare_digest(given[0].encode("utf-8"), username.encode("utf-8"))
-    password_ok = hmac.compare_digest(given[1].encode("utf-8"), password.encode("utf-8"))
+    if password_hash:
+        password_ok = password_matches(given[1], password_hash)
+    else:
+        password_ok = hmac.compare_digest(given[1].encode("utf-8"), (password or "").encode("utf-8"))
     return user_ok & password_ok
 
 

@@ -27,6 +27,7 @@ from rtchat.admin.access import (
 from rtchat.admin.sampler import ThroughputSampler
 from rtchat.admin.status import build_status
 from rtchat.handlers.base import ApiError, ApiHandler, AppContext, BaseHandler, PageHandler
+from rtchat.proxies import has_forwarding
 from rtchat.ratelimit import RateLimiter
 
 EVENTS_INTERVAL = 1.0  # seconds between status snapshots on /admin/api/events
@@ -45,23 +46,26 @@ class AdminAccess(BaseHandler):
     """Authorization for every admin handler, and the headers its refusals need."""
 
     admin: AdminContext
+    frame_ancestors = "'none'"  # the disconnect button must not be clickable from any frame
 
     def initialize(self, ctx: AppContext, admin: AdminContext) -> None:  # type: ignore[override]
         super().initialize(ctx)
         self.admin = admin
 
     def prepare(self) -> None:
+        super().prepare()
         self.admin.sampler.start()  # lazily, in case make_app ran before the loop did
         self.authorize()
 
     def authorize(self) -> None:
         cfg = self.ctx.cfg.admin
         client = self.client_address
-        if not cfg.password:
-            if not is_loopback(client):
+        if not cfg.password and not cfg.password_hash:
+            # Loopback alone is not enough: a proxy on this host makes every client loopback.
+            if not is_loopback(self.peer_address) or has_forwarding(self.request.headers):
                 raise self.reject(403, "admin_loopback_only",
                                   "no admin password is configured, so admin answers only to "
-                                  "loopback clients")
+                                  "direct loopback clients (not through a proxy)")
             return
         # A shut-out client is refused before its credentials are even looked at.
         wait = self.admin.logins.wait(client)
@@ -70,7 +74,7 @@ class AdminAccess(BaseHandler):
         given = basic_credentials(self.request.headers.get("Authorization"))
         if given is None:  # the browser's first request: a challenge, not a failed login
             raise self.reject(401, "unauthorized", "admin needs a username and password")
-        if not credentials_match(given, cfg.username, cfg.password):
+        if not credentials_match(given, cfg.username, cfg.password, cfg.password_hash):
             wait = self.admin.logins.failed(client)
             if wait > 0:
                 raise self._throttled(wait)
@@ -83,7 +87,8 @@ class AdminAccess(BaseHandler):
     def set_default_headers(self) -> None:
         super().set_default_headers()
         self.set_header("Cache-Control", "no-store")
-        # The disconnect button must not be clickable from someone else's frame.
+        # The disconnect button must not be clickable from someone else's frame (pages get
+        # a whole policy with this frame-ancestors in render_page).
         self.set_header("X-Frame-Options", "DENY")
         self.set_header("Content-Security-Policy", "frame-ancestors 'none'")
 

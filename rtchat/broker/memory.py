@@ -1,13 +1,16 @@
 """The embedded in-process broker: the single-node default.
 
 Owns per-room history (bounded by ``history.size``, expired after
-``history.ttl_seconds`` of silence) and the id sequence. Delivery is a plain
+``history.ttl_seconds`` of silence) and the id sequence. A room silent for
+that long with no subscriber is forgotten whole, so creating rooms without
+end does not grow the node without end. Delivery is a plain
 synchronous call into the hub, so it can neither lag nor lose anything; the
 ``prev`` chain is kept anyway so resume logic is the same as on Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import deque
@@ -47,15 +50,47 @@ class MemoryBroker:
         self._presence: dict[str, dict[str, int]] = {}
         self._deliver: Deliver | None = None
         self._node_stats: NodeStats | None = None
+        self._next_sweep = time.monotonic() + self._sweep_interval()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _sweep_interval(self) -> float:
+        return min(60.0, max(0.5, self._ttl / 4))
+
+    @property
+    def room_count(self) -> int:
+        """Rooms held in memory (with history, or subscribed)."""
+        return len(self._rooms)
+
+    def _sweep(self, now: float) -> None:
+        """Forget rooms silent for longer than the TTL that nobody here listens to."""
+        self._next_sweep = now + self._sweep_interval()
+        idle = [room for room, state in self._rooms.items()
+                if now - state.touched > self._ttl and room not in self._subscribed]
+        for room in idle:
+            del self._rooms[room]
 
     async def start(self, deliver: Deliver, node_stats: NodeStats) -> None:
         self._deliver = deliver
         self._node_stats = node_stats
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="memory-broker-sweep")
 
     async def close(self) -> None:
         self._deliver = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
+            self._sweeper = None
+
+    async def _sweep_loop(self) -> None:
+        """Sweep even when nothing is sent: an idle node still lets go of idle rooms."""
+        while self._deliver is not None:
+            await asyncio.sleep(self._sweep_interval())
+            self._sweep(time.monotonic())
 
     def _room(self, room: str) -> _Room | None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
         state = self._rooms.get(room)
         if state is not None and time.monotonic() - state.touched > self._ttl:
             # Expired like a Redis key with a TTL; the id sequence goes on.

@@ -1,14 +1,20 @@
-"""Handler bases: the shared context, client identity, and the two error renderers.
+"""Handler bases: the shared context, client identity, the response policy, two error renderers.
 
 ``PageHandler`` errors render ``error.html`` for people; ``ApiHandler`` errors
 are JSON ``{"error", "message"}`` for programs. Neither ever shows a traceback.
+
+Every response carries ``nosniff`` and ``Referrer-Policy`` and no ``Server``
+banner; pages add a Content-Security-Policy whose script nonce is fresh per
+response. A ``Host`` outside ``http.allowed_hosts`` is 421 (DNS rebinding).
+Origins in ``http.allowed_origins`` get CORS on the API and the streams.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,7 +25,9 @@ from rtchat.broker.base import BrokerUnavailable
 from rtchat.config import Config
 from rtchat.hub import Hub
 from rtchat.metrics import Metrics
+from rtchat.proxies import ProxyTrust, has_forwarding
 from rtchat.ratelimit import RateLimiter
+from rtchat.server import ServerState
 
 log = logging.getLogger("rtchat.web")
 
@@ -33,7 +41,12 @@ class AppContext:
     metrics: Metrics
     templates: jinja2.Environment
     send_limiter: RateLimiter
+    read_limiter: RateLimiter
     version: str
+    trust: ProxyTrust
+    server: ServerState = field(default_factory=ServerState)
+    # Told once: requests arrive through a proxy whose forwarded addresses are not believed.
+    warned_untrusted_proxy: bool = False
 
 
 class ApiError(tornado.web.HTTPError):
@@ -47,39 +60,140 @@ class ApiError(tornado.web.HTTPError):
 
 
 _DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited",
-                  503: "unavailable"}
+                  405: "method_not_allowed", 413: "payload_too_large", 421: "misdirected_request",
+                  429: "rate_limited", 503: "unavailable"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_HEADERS = "Content-Type, Last-Event-ID, Idempotency-Key, Authorization"
+CORS_MAX_AGE = "600"
+# Probes come by address, not by name; they are exempt from the Host check.
+HOST_CHECK_EXEMPT = ("/healthz", "/readyz")
+
+
+def origin_key(origin: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an origin or URL, default ports filled in; None if malformed."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
 
 
 class BaseHandler(tornado.web.RequestHandler):
     ctx: AppContext
+    _client: str | None = None
+    # Who may frame this handler's pages; None = ``http.frame_ancestors``.
+    frame_ancestors: str | None = None
+    # Origins in http.allowed_origins may call this handler from a browser (CORS).
+    cors = False
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
 
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "same-origin")
+
+    def prepare(self) -> Any:
+        self.check_host()
+
+    def check_host(self) -> None:
+        allowed = self.ctx.cfg.http.allowed_hosts
+        if not allowed or self.request.path in HOST_CHECK_EXEMPT:
+            return
+        host = self.request.host_name.lower()  # without the port
+        if host not in allowed and "*" not in allowed:
+            raise self.reject(421, "unknown_host", f"this server does not answer for host {host!r}")
+
+    @property
+    def peer_address(self) -> str:
+        """The TCP peer, whatever the headers say."""
+        return self.request.remote_ip or ""
+
     @property
     def client_address(self) -> str:
-        """The client: the remote address, or the forwarded one when ``http.xheaders`` is on."""
-        return self.request.remote_ip or ""
+        """The client: the TCP peer, or the address a trusted proxy forwarded (rtchat.proxies)."""
+        if self._client is None:
+            headers = self.request.headers
+            self._client = self.ctx.trust.client(self.peer_address, headers)
+            if (not self.ctx.warned_untrusted_proxy and self._client == self.peer_address
+                    and has_forwarding(headers)):
+                self.ctx.warned_untrusted_proxy = True
+                log.warning("requests from %s carry forwarding headers that are not believed "
+                            "(http.xheaders is %s, http.trusted_proxies %s): rate limits count "
+                            "that peer as one client", self.peer_address,
+                            "on" if self.ctx.cfg.http.xheaders else "off",
+                            list(self.ctx.cfg.http.trusted_proxies) or "loopback")
+        return self._client
+
+    @property
+    def client_protocol(self) -> str:
+        return self.ctx.trust.protocol(self.peer_address, self.request.headers, self.request.protocol)
+
+    def set_cors_headers(self) -> None:
+        """CORS for a listed origin; ``Vary: Origin`` on every answer that could carry it."""
+        if not self.cors or not self.ctx.cfg.http.allowed_origins:
+            return
+        self.set_header("Vary", "Origin")
+        origin = self.listed_origin()
+        if origin is not None:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Credentials", "true")
+            self.set_header("Access-Control-Expose-Headers", "Retry-After")
 
     def reject(self, status: int, code: str, message: str, retry_after: int | None = None) -> ApiError:
         """Count a refusal by reason and build the error to raise."""
         self.ctx.metrics.rejected.labels(reason=code).inc()
         return ApiError(status, code, message, retry_after)
 
+    def take_read_token(self) -> None:
+        """Reads (history, presence, stream opens) have their own per-client token bucket."""
+        wait = self.ctx.read_limiter.take(self.client_address)
+        if wait > 0:
+            raise self.reject(429, "read_rate_limited", "too many reads; slow down",
+                              retry_after=RateLimiter.retry_after(wait))
+
+    def listed_origin(self) -> str | None:
+        """The request's Origin when it is one of ``http.allowed_origins`` (scheme, host, port)."""
+        origin = self.request.headers.get("Origin")
+        if origin is None:
+            return None
+        key = origin_key(origin)
+        if key is None:
+            return None
+        if any(origin_key(o) == key for o in self.ctx.cfg.http.allowed_origins):
+            return origin.strip()
+        return None
+
     def origin_allowed(self) -> bool:
         """CSRF check: no Origin header, the same origin, or one listed in ``http.allowed_origins``."""
         origin = self.request.headers.get("Origin")
         if origin is None:
             return True
-        if origin.rstrip("/") in self.ctx.cfg.http.allowed_origins:
+        if self.listed_origin() is not None:
             return True
-        return urlsplit(origin).netloc.lower() == self.request.host.lower()
+        key = origin_key(origin)
+        return key is not None and key == origin_key(f"{self.client_protocol}://{self.request.host}")
 
     def render_page(self, name: str, **context: Any) -> None:
         template = self.ctx.templates.get_template(name)
+        nonce = secrets.token_urlsafe(16)
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(template.render(version=self.ctx.version, **context))
+        self.set_header("Content-Security-Policy", self.page_policy(nonce))
+        self.finish(template.render(version=self.ctx.version, csp_nonce=nonce, **context))
+
+    def page_policy(self, nonce: str) -> str:
+        return ("default-src 'self'; "
+                f"script-src 'self' 'nonce-{nonce}'; "
+                "style-src 'self' 'unsafe-inline'; "
+                "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                f"form-action 'self'; "
+                f"frame-ancestors {self.frame_ancestors or self.ctx.cfg.http.frame_ancestors}")
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Refusals and a broker that is down are answers, not server faults; anything else
@@ -107,9 +221,25 @@ class ApiHandler(BaseHandler):
     """JSON endpoints: errors are ``{"error": code, "message": text}``."""
 
     def set_default_headers(self) -> None:
-        # JSON by default; and no Server banner (one header fewer to build and check per send).
+        super().set_default_headers()
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.clear_header("Server")
+
+    def prepare(self) -> Any:
+        super().prepare()
+        self.set_cors_headers()
+
+    def options(self, *args: Any) -> None:
+        """A CORS preflight: 204 with what may be asked, for a listed origin; 403 otherwise."""
+        if not self.cors:
+            raise tornado.web.HTTPError(405)
+        if self.listed_origin() is None:
+            raise self.reject(403, "forbidden_origin", "this origin may not call the API")
+        self.set_header("Access-Control-Allow-Methods", CORS_METHODS)
+        self.set_header("Access-Control-Allow-Headers", CORS_HEADERS)
+        self.set_header("Access-Control-Max-Age", CORS_MAX_AGE)
+        self.clear_header("Content-Type")
+        self.set_status(204)
+        self.finish()
 
     def write_json(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -131,6 +261,7 @@ class ApiHandler(BaseHandler):
             code, message = "internal_error", "the server could not handle this request"
         self.clear_header("Content-Type")
         self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_cors_headers()  # send_error cleared them; a listed origin must see the error
         self.finish(json.dumps({"error": code, "message": message}))
 
 

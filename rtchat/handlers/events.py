@@ -8,6 +8,7 @@ handler only waits for the stream's end, which comes when the client goes
 
 from __future__ import annotations
 
+import asyncio
 import time
 from asyncio import Future
 
@@ -17,7 +18,7 @@ from rtchat import sse
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
 from rtchat.hub import Stream
-from rtchat.messages import valid_id, valid_nick, valid_room
+from rtchat.messages import normalize_nick, valid_id, valid_room
 
 
 class SocketSink:
@@ -29,6 +30,9 @@ class SocketSink:
     """
 
     __slots__ = ("chunked", "iostream", "socket")
+
+    # What the IOStream holds for this client is counted by the stream (its bytes in flight);
+    # the kernel's socket buffer is not.
 
     def __init__(self, iostream: IOStream, chunked: bool) -> None:
         self.iostream = iostream
@@ -55,26 +59,44 @@ class SocketSink:
         return iostream.write(data)
 
 
+# A catch-up is written in pieces of about this size, each waited for, so a resuming
+# client costs the node one piece of buffer however much it missed.
+CATCH_UP_PIECE = 64 * 1024
+
+
 class EventStreamHandler(ApiHandler):
     stream: Stream | None = None
+    cors = True
 
     async def get(self, room: str) -> None:
         cfg = self.ctx.cfg
         hub = self.ctx.hub
         if not valid_room(room):
             raise self.reject(400, "bad_room", "room names are 1-64 of A-Z a-z 0-9 _ -")
-        last_id = (self.request.headers.get("Last-Event-ID")
-                   or self.get_query_argument("last_event_id", "")).strip()
+        self.take_read_token()
+        last_id = (self.request.headers.get("Last-Event-ID", "").strip()
+                   or self.get_query_argument("last_event_id", "", strip=False))
         if last_id and not valid_id(last_id):
-            raise self.reject(400, "bad_last_event_id", "Last-Event-ID must look like <ms>-<seq>")
-        nick = self.get_query_argument("nick", "").strip()
-        if nick and not valid_nick(nick, cfg.limits.max_nick_chars):
-            raise self.reject(400, "bad_nick",
-                              f"nick must be at most {cfg.limits.max_nick_chars} printable characters")
+            raise self.reject(400, "bad_last_event_id",
+                              "Last-Event-ID must be <ms>-<seq>, two whole numbers below 2^64")
+        nick = self.get_query_argument("nick", "", strip=False)
+        if nick.strip():
+            normalized = normalize_nick(nick, cfg.limits.max_nick_chars)
+            if normalized is None:
+                raise self.reject(400, "bad_nick",
+                                  f"nick must be 1-{cfg.limits.max_nick_chars} characters with a "
+                                  "visible one, and no control, format or separator characters")
+            nick = normalized
+        else:
+            nick = ""
         if hub.draining:
             raise self.reject(503, "draining", "this node is shutting down", retry_after=1)
         if hub.client_count >= cfg.limits.max_clients:
             raise self.reject(503, "too_many_clients", "this node is full", retry_after=5)
+        if hub.streams_from(self.client_address) >= cfg.limits.max_streams_per_address:
+            raise self.reject(429, "too_many_streams",
+                              f"at most {cfg.limits.max_streams_per_address} streams per address",
+                              retry_after=5)
 
         try:
             async with hub.connect(room, nick, self.client_address,
@@ -82,17 +104,17 @@ class EventStreamHandler(ApiHandler):
                 self.stream = stream
                 stream.abort = self._abort
                 head = await self._catch_up(stream, room, last_id)
-                self._start_stream(head)
-                await self._pump(stream)
+                self._start_stream()
+                await self._pump(stream, head)
         except BrokerUnavailable:
             if self._headers_written:
                 return  # the stream already started; the client reconnects and resumes
             raise  # 503, from ApiHandler.write_error
 
-    async def _catch_up(self, stream: Stream, room: str, last_id: str) -> bytes:
+    async def _catch_up(self, stream: Stream, room: str, last_id: str) -> list[bytes]:
         """The frames a resuming client missed, with ``reset`` first if history has a gap."""
         if not last_id:
-            return b""
+            return []
         replay = await self.ctx.hub.broker.read_since(room, last_id)
         parts = []
         if replay.truncated:
@@ -103,23 +125,34 @@ class EventStreamHandler(ApiHandler):
         newest = replay.messages[-1].id if replay.messages else last_id
         stream.skip_through(newest)
         stream.last_event_id = newest
-        return b"".join(parts)
+        return parts
 
-    def _start_stream(self, head: bytes) -> None:
+    def _start_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         self.write(sse.retry(sse.jittered_retry(self.ctx.cfg.sse.retry_ms)))
         self.write(sse.comment(f"rtchat {self.ctx.hub.node_id} {time.time():.3f}"))
-        if head:
-            self.write(head)
 
-    async def _pump(self, stream: Stream) -> None:
-        """Send the head, then let the hub write straight to the connection until the end."""
+    async def _pump(self, stream: Stream, head: list[bytes]) -> None:
+        """Send the head and the catch-up, piece by piece, then let the hub write straight to
+        the connection until the end. A piece not taken within ``sse.write_timeout_seconds``
+        ends the stream (the client resumes from what it got)."""
+        timeout = self.ctx.cfg.sse.write_timeout_seconds
+        pending = 0
         try:
-            await self.flush()
-        except StreamClosedError:
+            for frame in head:
+                self.write(frame)
+                pending += len(frame)
+                if pending >= CATCH_UP_PIECE:
+                    await asyncio.wait_for(self.flush(), timeout)
+                    pending = 0
+                if stream.closed:
+                    return
+            await asyncio.wait_for(self.flush(), timeout)
+        except (StreamClosedError, asyncio.TimeoutError):
             stream.close("client_gone")
+            self._abort()
             return
         # From here on the hub writes to the socket itself (one chunk per batch), with
         # no per-client task waking up for each message.

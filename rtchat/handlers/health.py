@@ -15,6 +15,7 @@ class ReadyHandler(ApiHandler):
     def get(self) -> None:
         hub = self.ctx.hub
         reasons = ["draining"] if hub.draining else []
+        reasons += self.ctx.server.readiness()
         reasons += hub.broker.readiness()
         if reasons:
             self.write_json({"status": "not_ready", "reasons": reasons}, status=503)

@@ -6,13 +6,15 @@ import json
 from typing import Any
 
 from rtchat.handlers.base import ApiHandler
-from rtchat.messages import InvalidMessage, valid_room, validate_input
+from rtchat.messages import InvalidMessage, parse_limit, valid_room, validate_input
 from rtchat.ratelimit import RateLimiter
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 class RoomApiHandler(ApiHandler):
+    cors = True
+
     def check_room(self, room: str) -> None:
         if not valid_room(room):
             raise self.reject(400, "bad_room", "room names are 1-64 of A-Z a-z 0-9 _ -")
@@ -26,6 +28,11 @@ class MessagesHandler(RoomApiHandler):
         limits = self.ctx.cfg.limits
         if not self.origin_allowed():
             raise self.reject(403, "forbidden_origin", "cross-origin sends are not allowed")
+        # The token first: parsing is work, and a flood must not get it for free.
+        wait = self.ctx.send_limiter.take(self.client_address)
+        if wait > 0:
+            raise self.reject(429, "rate_limited", "too many messages; slow down",
+                              retry_after=RateLimiter.retry_after(wait))
         if len(self.request.body) > limits.max_body_bytes:
             raise self.reject(413, "body_too_large",
                               f"request body is larger than {limits.max_body_bytes} bytes")
@@ -34,10 +41,6 @@ class MessagesHandler(RoomApiHandler):
             nick, text = validate_input(nick, text, limits.max_nick_chars, limits.max_message_bytes)
         except InvalidMessage as e:
             raise self.reject(e.status, e.code, str(e)) from None
-        wait = self.ctx.send_limiter.take(self.client_address)
-        if wait > 0:
-            raise self.reject(429, "rate_limited", "too many messages; slow down",
-                              retry_after=RateLimiter.retry_after(wait))
         published = await self.ctx.hub.publish(room, nick, text)  # BrokerUnavailable: 503
         body: dict[str, Any] = {"id": published.message.id}
         if published.replicated is not None:
@@ -53,7 +56,8 @@ class MessagesHandler(RoomApiHandler):
                               "send JSON {\"nick\", \"text\"} or a form")
         try:
             data = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: nesting deeper than the parser goes is not JSON we take either.
             raise self.reject(400, "bad_json", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise self.reject(400, "bad_json", "the body must be a JSON object")
@@ -61,14 +65,13 @@ class MessagesHandler(RoomApiHandler):
 
     async def get(self, room: str) -> None:
         self.check_room(room)
+        self.take_read_token()
         size = self.ctx.cfg.history.size
-        raw = self.get_query_argument("limit", "50")
-        try:
-            limit = int(raw)
-        except ValueError:
-            limit = -1
-        if not 1 <= limit <= size:
-            raise self.reject(400, "bad_limit", f"limit must be an integer from 1 to {size}")
+        limit = parse_limit(self.get_query_argument("limit", "50", strip=False))
+        if limit is None or limit < 1:
+            raise self.reject(400, "bad_limit", f"limit must be a whole number from 1 (at most {size} "
+                                                "are kept)")
+        limit = min(limit, size)  # asking for more than is kept gets what is kept
         history = await self.ctx.hub.broker.history(room, limit)
         self.write_json({"messages": [m.public_dict() for m in history]})
 
@@ -76,6 +79,7 @@ class MessagesHandler(RoomApiHandler):
 class PresenceHandler(RoomApiHandler):
     async def get(self, room: str) -> None:
         self.check_room(room)
+        self.take_read_token()
         presence = await self.ctx.hub.broker.presence(room)
         self.write_json({"room": room, "count": presence.count,
                          "nicks": [n for n in presence.nicks if n]})
