@@ -123,7 +123,7 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
     node = build_node(cfg)
     hub = node.hub
     log.info("starting node %s (rtchat %s, %s broker, config %s)",
-             hub.node_id, __version__, hub.broker.kind, path or "built-in defaults")
+             hub.node_id, __version__, hub.broker_kind, path or "built-in defaults")
     sockets = _bind(cfg)
     ports = sorted({s.getsockname()[1] for s in sockets})
     # Before the hub starts, so its first heartbeat already names the real address.

@@ -1,11 +1,12 @@
-"""The hub: rooms, their local streams, and the one fan-out path.
+"""The hub: rooms, their local streams, and the one fan-out path; the handlers' only door.
 
 Owns: which rooms have local clients (subscribe on first, unsubscribe on
-last after a short delay, roll back a failed subscribe), each client's
-bounded outbox, slow-client eviction, heartbeats, presence, and the drain on
-shutdown. The broker hands it messages through :meth:`Hub.deliver`; the SSE
-handler drains a :class:`Stream`. It knows the Broker protocol, never
-tornado or redis.
+last after a short delay, roll back a failed subscribe), the catch-up of a
+resuming stream, slow-client eviction, heartbeats, presence, and the drain
+on shutdown. The broker hands it messages through :meth:`Hub.deliver`; the
+SSE handler attaches a sink to a :class:`~rtchat.stream.Stream`. Handlers ask
+the hub (``connect``, ``publish``, ``history``, ``presence``, ``readiness``),
+never the broker. It knows the Broker protocol, never tornado or redis.
 
 The fan-out never awaits: each message is framed once, and the same bytes
 are appended to every stream of the room. A stream whose backlog passes
@@ -22,17 +23,19 @@ import contextlib
 import logging
 import random
 import time
-import uuid
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from rtchat import sse
-from rtchat.broker.base import Broker, Published
+from rtchat.broker.base import Broker, Presence, Published
 from rtchat.config import Config
-from rtchat.messages import Message, id_key
+from rtchat.messages import Message
 from rtchat.metrics import Metrics
+from rtchat.stream import Sink, Stream
+
+__all__ = ["Hub", "Sink", "Stream"]
 
 log = logging.getLogger("rtchat.hub")
 
@@ -41,176 +44,6 @@ PRESENCE_REFRESH = 2.0  # seconds between cluster-wide presence reads for local 
 # Joins and leaves within this long are one presence update: a refresh costs O(room size),
 # so a crowd reconnecting after a node restart must not cost O(room size) each.
 PRESENCE_BATCH = 0.25
-
-
-# Takes bytes; returns None when written at once, else a future done when written.
-# Raises when the client is gone.
-Sink = Callable[[bytes], "asyncio.Future[None] | None"]
-
-
-class Stream:
-    """One SSE client's outbox: the hub pushes frames, the stream writes them to its sink.
-
-    ``push`` never blocks. Frames queue until the sink (the client's connection)
-    has taken the previous write; everything queued by then goes out as one
-    write, so bursts coalesce. A backlog past ``max_queue`` closes the stream.
-    """
-
-    __slots__ = (
-        "_closed_waiter", "_dirty", "_inflight", "_key_skip", "_on_ready", "_queue",
-        "_queued_bytes", "_sink", "_writing", "abort", "close_reason", "closed", "connected_at",
-        "id", "last_event_id", "max_bytes", "max_queue", "nick", "remote", "room", "user_agent",
-        "write_started",
-    )
-
-    def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
-                 on_ready: Callable[[Stream], None] | None = None,
-                 max_bytes: int = 1 << 62) -> None:
-        self.id = uuid.uuid4().hex[:12]
-        self.room = room
-        self.nick = nick
-        self.remote = remote
-        self.user_agent = user_agent
-        self.connected_at = time.time()
-        self.last_event_id = ""
-        self.max_queue = max_queue
-        self.max_bytes = max_bytes
-        self.closed = False
-        self.close_reason = ""
-        # Called (once) when the stream must drop its connection without a goodbye.
-        self.abort: Callable[[], None] | None = None
-        self._queue: deque[tuple[bytes, str | None]] = deque()
-        self._queued_bytes = 0
-        self._inflight = 0  # bytes handed to the sink and not yet written out
-        self.write_started = 0.0  # monotonic time of the write in flight (0.0: none)
-        self._key_skip: tuple[int, int] | None = None
-        self._sink: Sink | None = None
-        self._writing = False
-        self._dirty = False
-        # Told when this stream has frames to write; the hub batches these per loop turn.
-        self._on_ready = on_ready
-        self._closed_waiter: asyncio.Future[None] | None = None
-
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
-    def push(self, frame: bytes, message_id: str | None = None,
-             key: tuple[int, int] | None = None) -> bool:
-        """Queue a frame. Returns False when that overflowed the queue and closed the stream."""
-        if self.closed:
-            return True
-        if key is not None and self._key_skip is not None:
-            if key <= self._key_skip:
-                return True  # already sent during catch-up
-            self._key_skip = None
-        if (len(self._queue) >= self.max_queue
-                or self._queued_bytes + self._inflight + len(frame) > self.max_bytes):
-            self.close("slow_client", abort=True)
-            return False
-        self._queue.append((frame, message_id))
-        self._queued_bytes += len(frame)
-        if not self._dirty and not self._writing and self._sink is not None:
-            self._dirty = True
-            if self._on_ready is not None:
-                self._on_ready(self)
-            else:
-                self.write_pending()
-        return True
-
-    def skip_through(self, message_id: str) -> None:
-        """Drop queued and future messages up to ``message_id``: the catch-up already sent them."""
-        key = id_key(message_id)
-        self._key_skip = key
-        self._queue = deque(
-            (f, mid) for f, mid in self._queue if mid is None or id_key(mid) > key)
-        self._queued_bytes = sum(len(f) for f, _ in self._queue)
-        if any(mid is not None for _, mid in self._queue):
-            self._key_skip = None
-
-    def attach(self, sink: Sink) -> None:
-        """Start writing to ``sink``: it takes bytes and returns a future done once written."""
-        self._sink = sink
-        self.write_pending()
-
-    def take_pending(self) -> bytes:
-        """Everything queued, as one chunk (and the queue emptied)."""
-        queue = self._queue
-        self._queued_bytes = 0
-        if len(queue) == 1:
-            frame, mid = queue.popleft()
-            if mid is not None:
-                self.last_event_id = mid
-            return frame
-        frames = []
-        for frame, mid in queue:
-            frames.append(frame)
-            if mid is not None:
-                self.last_event_id = mid
-        queue.clear()
-        return b"".join(frames)
-
-    def write_pending(self) -> None:
-        """Hand what is queued to the sink, unless a write is still in flight."""
-        self._dirty = False
-        if self.closed or self._writing or not self._queue or self._sink is None:
-            return
-        chunk = self.take_pending()
-        try:
-            written = self._sink(chunk)
-        except OSError as e:  # the client is gone (StreamClosedError is an OSError too)
-            log.debug("stream %s: write failed: %s", self.id, e)
-            self.close("client_gone")
-            return
-        if written is not None and not written.done():
-            self._writing = True
-            self._inflight = len(chunk)
-            self.write_started = time.monotonic()
-            written.add_done_callback(self._written)
-        elif written is not None and (written.cancelled() or written.exception() is not None):
-            self.close("client_gone")
-
-    def stalled(self, now: float, timeout: float) -> bool:
-        """Whether a write has been in flight (the socket taking nothing) for over ``timeout``."""
-        return self._writing and now - self.write_started > timeout
-
-    def _written(self, written: asyncio.Future[None]) -> None:
-        self._writing = False
-        self._inflight = 0
-        self.write_started = 0.0
-        if written.cancelled() or written.exception() is not None:
-            self.close("client_gone")
-        else:
-            self.write_pending()
-
-    async def wait_closed(self) -> None:
-        """Returns once the stream is closed, by either side."""
-        if self.closed:
-            return
-        self._closed_waiter = asyncio.get_running_loop().create_future()
-        await self._closed_waiter
-
-    def close(self, reason: str, abort: bool = False) -> None:
-        """End the stream. ``abort`` also drops the connection (the client cannot keep up)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.close_reason = reason
-        self._queue.clear()
-        self._queued_bytes = 0
-        if abort and self.abort is not None:
-            self.abort()
-        waiter = self._closed_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "room": self.room, "nick": self.nick, "remote": self.remote,
-            "user_agent": self.user_agent, "connected_at": self.connected_at,
-            "last_event_id": self.last_event_id, "queue": len(self._queue),
-            "buffered_bytes": self._queued_bytes + self._inflight,
-        }
 
 
 @dataclass
@@ -305,20 +138,54 @@ class Hub:
         return True
 
     @contextlib.asynccontextmanager
-    async def connect(self, room: str, nick: str, remote: str, user_agent: str
-                      ) -> AsyncIterator[Stream]:
+    async def connect(self, room: str, nick: str, remote: str, user_agent: str,
+                      last_event_id: str = "") -> AsyncIterator[Stream]:
         """Register a stream in ``room``; live messages queue from the moment this enters.
 
-        Raises BrokerUnavailable when the room cannot be subscribed.
+        With ``last_event_id`` the stream's ``head`` holds the frames the client
+        missed (``reset`` first when history has a gap), and live messages it
+        already covers are skipped. Raises BrokerUnavailable when the room cannot
+        be subscribed or its history read.
         """
         stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready,
                         max_bytes=self.cfg.sse.max_buffer_bytes)
         await self._join(stream)
         try:
+            if last_event_id:
+                stream.head = await self._catch_up(stream, last_event_id)
             yield stream
         finally:
             stream.close(stream.close_reason or "client_gone")
             self._leave(stream)
+
+    async def _catch_up(self, stream: Stream, last_id: str) -> list[bytes]:
+        replay = await self.broker.read_since(stream.room, last_id)
+        frames = []
+        if replay.truncated:
+            frames.append(sse.json_event(
+                "reset", {"reason": "history_truncated", "oldest": replay.oldest}))
+        frames += [sse.message(msg.id, msg.public_json()) for msg in replay.messages]
+        newest = replay.messages[-1].id if replay.messages else last_id
+        stream.skip_through(newest)
+        stream.last_event_id = newest
+        return frames
+
+    # -- what handlers may ask ----------------------------------------------------
+
+    @property
+    def broker_kind(self) -> str:
+        return self.broker.kind
+
+    async def history(self, room: str, limit: int) -> list[Message]:
+        """The last ``limit`` messages of ``room``, oldest first. BrokerUnavailable when down."""
+        return await self.broker.history(room, limit)
+
+    async def presence(self, room: str) -> Presence:
+        return await self.broker.presence(room)
+
+    def readiness(self) -> list[str]:
+        """Why this node should not get new traffic now; empty when ready."""
+        return (["draining"] if self.draining else []) + self.broker.readiness()
 
     async def _join(self, stream: Stream) -> None:
         state = self._rooms.get(stream.room)

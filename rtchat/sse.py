@@ -10,6 +10,12 @@ import json
 import random
 
 PING = b": ping\n\n"
+# The response headers of every event stream: no caching, and no proxy buffering.
+HEADERS = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),
+)
 
 
 def event(data: str, event: str | None = None, id: str | None = None) -> bytes:

@@ -10,8 +10,9 @@ from conftest import make_config
 from rtchat import hub as hub_mod
 from rtchat.broker.base import replay_is_complete
 from rtchat.broker.memory import MemoryBroker
-from rtchat.hub import Hub, Stream
+from rtchat.hub import Hub
 from rtchat.metrics import Metrics
+from rtchat.stream import Stream
 
 
 @contextlib.asynccontextmanager

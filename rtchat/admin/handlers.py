@@ -187,9 +187,8 @@ class AdminEventsHandler(AdminAccess, ApiHandler):
 
     async def get(self) -> None:
         self._gone = asyncio.Event()
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
+        for name, value in sse.HEADERS:
+            self.set_header(name, value)
         self.write(sse.retry(EVENTS_RETRY_MS))
         try:
             while not self._gone.is_set():

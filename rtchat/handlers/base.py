@@ -24,6 +24,7 @@ import tornado.web
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.config import Config
 from rtchat.hub import Hub
+from rtchat.messages import valid_room
 from rtchat.metrics import Metrics
 from rtchat.proxies import ProxyTrust, has_forwarding
 from rtchat.ratelimit import RateLimiter
@@ -223,6 +224,10 @@ class ApiHandler(BaseHandler):
     def set_default_headers(self) -> None:
         super().set_default_headers()
         self.set_header("Content-Type", "application/json; charset=utf-8")
+
+    def check_room(self, room: str) -> None:
+        if not valid_room(room):
+            raise self.reject(400, "bad_room", "room names are 1-64 of A-Z a-z 0-9 _ -")
 
     def prepare(self) -> Any:
         super().prepare()

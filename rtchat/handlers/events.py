@@ -17,8 +17,8 @@ from tornado.iostream import IOStream, StreamClosedError
 from rtchat import sse
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
-from rtchat.hub import Stream
-from rtchat.messages import normalize_nick, valid_id, valid_room
+from rtchat.messages import normalize_nick, valid_id
+from rtchat.stream import Stream
 
 
 class SocketSink:
@@ -71,8 +71,7 @@ class EventStreamHandler(ApiHandler):
     async def get(self, room: str) -> None:
         cfg = self.ctx.cfg
         hub = self.ctx.hub
-        if not valid_room(room):
-            raise self.reject(400, "bad_room", "room names are 1-64 of A-Z a-z 0-9 _ -")
+        self.check_room(room)
         self.take_read_token()
         last_id = (self.request.headers.get("Last-Event-ID", "").strip()
                    or self.get_query_argument("last_event_id", "", strip=False))
@@ -100,37 +99,19 @@ class EventStreamHandler(ApiHandler):
 
         try:
             async with hub.connect(room, nick, self.client_address,
-                                   self.request.headers.get("User-Agent", "")) as stream:
+                                   self.request.headers.get("User-Agent", ""), last_id) as stream:
                 self.stream = stream
                 stream.abort = self._abort
-                head = await self._catch_up(stream, room, last_id)
                 self._start_stream()
-                await self._pump(stream, head)
+                await self._pump(stream, stream.head)
         except BrokerUnavailable:
             if self._headers_written:
                 return  # the stream already started; the client reconnects and resumes
             raise  # 503, from ApiHandler.write_error
 
-    async def _catch_up(self, stream: Stream, room: str, last_id: str) -> list[bytes]:
-        """The frames a resuming client missed, with ``reset`` first if history has a gap."""
-        if not last_id:
-            return []
-        replay = await self.ctx.hub.broker.read_since(room, last_id)
-        parts = []
-        if replay.truncated:
-            parts.append(sse.json_event(
-                "reset", {"reason": "history_truncated", "oldest": replay.oldest}))
-        for msg in replay.messages:
-            parts.append(sse.message(msg.id, msg.public_json()))
-        newest = replay.messages[-1].id if replay.messages else last_id
-        stream.skip_through(newest)
-        stream.last_event_id = newest
-        return parts
-
     def _start_stream(self) -> None:
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
+        for name, value in sse.HEADERS:
+            self.set_header(name, value)
         self.write(sse.retry(sse.jittered_retry(self.ctx.cfg.sse.retry_ms)))
         self.write(sse.comment(f"rtchat {self.ctx.hub.node_id} {time.time():.3f}"))
 

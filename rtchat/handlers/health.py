@@ -14,14 +14,12 @@ class HealthHandler(ApiHandler):
 class ReadyHandler(ApiHandler):
     def get(self) -> None:
         hub = self.ctx.hub
-        reasons = ["draining"] if hub.draining else []
-        reasons += self.ctx.server.readiness()
-        reasons += hub.broker.readiness()
+        reasons = self.ctx.server.readiness() + hub.readiness()
         if reasons:
             self.write_json({"status": "not_ready", "reasons": reasons}, status=503)
         else:
             self.write_json({"status": "ready", "node": self.ctx.hub.node_id,
-                             "broker": hub.broker.kind, "clients": hub.client_count})
+                             "broker": hub.broker_kind, "clients": hub.client_count})
 
 
 class MetricsHandler(ApiHandler):

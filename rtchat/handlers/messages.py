@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from rtchat.handlers.base import ApiHandler
-from rtchat.messages import InvalidMessage, parse_limit, valid_room, validate_input
+from rtchat.messages import InvalidMessage, parse_limit, validate_input
 from rtchat.ratelimit import RateLimiter
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -14,10 +14,6 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 class RoomApiHandler(ApiHandler):
     cors = True
-
-    def check_room(self, room: str) -> None:
-        if not valid_room(room):
-            raise self.reject(400, "bad_room", "room names are 1-64 of A-Z a-z 0-9 _ -")
 
 
 class MessagesHandler(RoomApiHandler):
@@ -72,7 +68,7 @@ class MessagesHandler(RoomApiHandler):
             raise self.reject(400, "bad_limit", f"limit must be a whole number from 1 (at most {size} "
                                                 "are kept)")
         limit = min(limit, size)  # asking for more than is kept gets what is kept
-        history = await self.ctx.hub.broker.history(room, limit)
+        history = await self.ctx.hub.history(room, limit)
         self.write_json({"messages": [m.public_dict() for m in history]})
 
 
@@ -80,7 +76,7 @@ class PresenceHandler(RoomApiHandler):
     async def get(self, room: str) -> None:
         self.check_room(room)
         self.take_read_token()
-        presence = await self.ctx.hub.broker.presence(room)
+        presence = await self.ctx.hub.presence(room)
         self.write_json({"room": room, "count": presence.count,
                          "nicks": [n for n in presence.nicks if n]})
 

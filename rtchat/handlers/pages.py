@@ -16,7 +16,7 @@ class ChatPageHandler(PageHandler):
         if not valid_room(room):
             raise tornado.web.HTTPError(404)
         try:
-            history = await self.ctx.hub.broker.history(room, PAGE_HISTORY)
+            history = await self.ctx.hub.history(room, PAGE_HISTORY)
         except BrokerUnavailable:
             history = []  # the page still works; the stream catches up when the broker is back
         self.set_header("Cache-Control", "no-store")
