@@ -52,6 +52,9 @@ class _Room:
     streams: set[Stream] = field(default_factory=set)
     unsubscribe_timer: asyncio.TimerHandle | None = None
     presence_count: int = -1
+    # What this node last recorded in the broker for the room: a new stream's first
+    # presence count is the cluster's minus this plus what is open here now.
+    written: Counter[str] = field(default_factory=Counter)
 
 
 class Hub:
@@ -153,6 +156,10 @@ class Hub:
         try:
             if last_event_id:
                 stream.head = await self._catch_up(stream, last_event_id)
+            count = await self._presence_now(stream.room)
+            if count is not None:
+                stream.presence_count = count
+                stream.head.append(sse.json_event("presence", {"room": stream.room, "count": count}))
             yield stream
         finally:
             stream.close(stream.close_reason or "client_gone")
@@ -169,6 +176,22 @@ class Hub:
         stream.skip_through(newest)
         stream.last_event_id = newest
         return frames
+
+    async def _presence_now(self, room: str) -> int | None:
+        """The room's presence count as of now, counting streams not yet recorded.
+
+        Every new stream gets one, whether or not the count just changed (a reload
+        or a second tab leaves it as it was). None when the broker cannot say.
+        """
+        state = self._rooms.get(room)
+        if state is None:
+            return None
+        try:
+            cluster = await self.broker.presence(room)
+        except Exception as e:  # presence is informative; the stream goes on without it
+            log.debug("presence for %s on join: %s", room, e)
+            return None
+        return max(0, cluster.count - sum(state.written.values()) + len(state.streams))
 
     # -- what handlers may ask ----------------------------------------------------
 
@@ -344,6 +367,8 @@ class Hub:
             state = self._rooms.get(room)
             nicks = Counter(s.nick for s in state.streams) if state is not None else Counter()
             await self.broker.set_presence(room, nicks)
+            if state is not None:
+                state.written = nicks
         state = self._rooms.get(room)
         if state is None or not state.streams:
             return
@@ -352,7 +377,9 @@ class Hub:
             state.presence_count = presence.count
             frame = sse.json_event("presence", {"room": room, "count": presence.count})
             for stream in tuple(state.streams):
-                stream.push(frame)
+                if stream.presence_count != presence.count:  # told on join already
+                    stream.presence_count = presence.count
+                    stream.push(frame)
 
     # -- node view -----------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import random
 
-PING = b": ping\n\n"
+# Comments and the retry field are written as lines that end no event block: a blank
+# line after them would be a data-less block, which httpx-sse and sseclient-py hand to
+# their users as an empty "message" event. The next real event's blank line ends them.
+PING = b": ping\n"
 # The response headers of every event stream: no caching, and no proxy buffering.
 HEADERS = (
     ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -35,11 +38,12 @@ def event(data: str, event: str | None = None, id: str | None = None) -> bytes:
 def comment(text: str = "") -> bytes:
     """A comment line: ignored by EventSource, keeps proxies from timing the stream out."""
     _check_field(text)
-    return f": {text}\n\n".encode() if text else b":\n\n"
+    return f": {text}\n".encode() if text else b":\n"
 
 
 def retry(ms: int) -> bytes:
-    return f"retry: {int(ms)}\n\n".encode()
+    """The reconnection delay, as a line of its own (applied by clients as it is read)."""
+    return f"retry: {int(ms)}\n".encode()
 
 
 def jittered_retry(base_ms: int, rng: random.Random | None = None) -> int:

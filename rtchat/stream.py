@@ -37,8 +37,8 @@ class Stream:
     __slots__ = (
         "_closed_waiter", "_dirty", "_inflight", "_key_skip", "_on_ready", "_queue",
         "_queued_bytes", "_sink", "_writing", "abort", "close_reason", "closed", "connected_at",
-        "head", "id", "last_event_id", "max_bytes", "max_queue", "nick", "remote", "room",
-        "user_agent", "write_started",
+        "head", "id", "last_event_id", "max_bytes", "max_queue", "nick", "presence_count", "remote",
+        "room", "user_agent", "write_started",
     )
 
     def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
@@ -52,6 +52,7 @@ class Stream:
         self.connected_at = time.time()
         self.last_event_id = ""
         self.head: list[bytes] = []  # the catch-up frames, written before anything queued
+        self.presence_count = -1  # the room count this client was last told
         self.max_queue = max_queue
         self.max_bytes = max_bytes
         self.closed = False

@@ -222,8 +222,9 @@ async def test_bad_stream_parameters_are_400(start_node) -> None:
 
 
 @pytest.mark.gen_test
-async def test_over_max_clients_is_503_with_retry_after(start_node) -> None:
-    node = await start_node(**{"limits.max_clients": 2})
+async def test_over_max_clients_through_a_trusted_proxy_is_503_with_retry_after(start_node) -> None:
+    # The load balancer (loopback, trusted with xheaders on) tries another node on a 503.
+    node = await start_node(**{"limits.max_clients": 2, "http.xheaders": True})
     a = await SSEClient.open(node.url, "lobby")
     b = await SSEClient.open(node.url, "lobby")
     c = await SSEClient.open(node.url, "lobby")
@@ -236,6 +237,22 @@ async def test_over_max_clients_is_503_with_retry_after(start_node) -> None:
     finally:
         for client in (a, b, c):
             await client.aclose()
+
+
+@pytest.mark.gen_test
+async def test_over_max_clients_a_direct_client_is_told_to_come_back(start_node) -> None:
+    # A standard EventSource gives up for good on a 503: it gets a retry: and an end instead.
+    node = await start_node(**{"limits.max_clients": 1})
+    a = await SSEClient.open(node.url, "lobby")
+    b = await SSEClient.open(node.url, "lobby")
+    try:
+        assert a.status == 200 and b.status == 200
+        assert await b.until_closed(timeout=5) == []
+        assert b.retry is not None and b.retry >= 2500  # at least Retry-After's 5 s, jittered
+        assert node.hub.client_count == 1
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 @pytest.mark.gen_test

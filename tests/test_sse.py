@@ -49,11 +49,12 @@ def test_json_event_has_no_id() -> None:
         b'event: reset\ndata: {"reason":"history_truncated","oldest":"9-0"}\n\n')
 
 
-def test_retry_and_comments() -> None:
-    assert sse.retry(2000) == b"retry: 2000\n\n"
-    assert sse.comment("ping") == b": ping\n\n"
-    assert sse.comment() == b":\n\n"
-    assert sse.PING == b": ping\n\n"
+def test_retry_and_comments_are_lines_that_end_no_event() -> None:
+    # No blank line after them: a data-less block is an empty "message" in common clients.
+    assert sse.retry(2000) == b"retry: 2000\n"
+    assert sse.comment("ping") == b": ping\n"
+    assert sse.comment() == b":\n"
+    assert sse.PING == b": ping\n"
 
 
 def test_retry_jitter_is_within_half_either_way() -> None:

@@ -21,13 +21,15 @@ async def test_stream_headers_retry_and_first_comment(start_node) -> None:
         assert client.headers["x-accel-buffering"] == "no"
         assert "content-encoding" not in client.headers
         raw = b""
-        while raw.count(b"\n\n") < 2:  # the retry block and the comment arrive at once
+        while raw.count(b"\n") < 2:  # the retry line and the comment arrive at once
             await asyncio.wait_for(client._read_more(), 5)
             raw = client._buf
-        retry_line, rest = raw.split(b"\n\n", 1)
+        retry_line, rest = raw.split(b"\n", 1)
         assert retry_line.startswith(b"retry: ")
         assert 500 <= int(retry_line[7:]) <= 1500
+        # A comment line, and no blank line: nothing a client could take for an empty event.
         assert rest.startswith(b": ")
+        assert b"\n\n" not in raw.split(b"event:")[0]
     finally:
         await client.aclose()
 
@@ -245,8 +247,13 @@ async def test_drain_closes_streams_and_refuses_new_ones(start_node) -> None:
     await async_wait_for(lambda: node.hub.draining)
     ready = await node.fetch("/readyz")
     assert ready.code == 503 and b"draining" in ready.body
+    # A direct client is told to come back (a standard EventSource gives up on a 503) ...
     late = await SSEClient.open(node.url, "d")
-    assert late.status == 503 and late.headers["retry-after"] == "1"
+    assert late.status == 200
+    assert await late.until_closed(timeout=5) == []  # retry: and a comment, no event
+    assert late.retry is not None and late.retry >= 500
+    assert any("draining" in c for c in late.comments)
+    assert node.hub.client_count <= 5
     await asyncio.wait_for(drain, 5)
     for c in clients:
         await c.until_closed(timeout=5)  # each stream ended cleanly

@@ -89,9 +89,9 @@ class EventStreamHandler(ApiHandler):
         else:
             nick = ""
         if hub.draining:
-            raise self.reject(503, "draining", "this node is shutting down", retry_after=1)
+            return await self._elsewhere("draining", "this node is shutting down", 1)
         if hub.client_count >= cfg.limits.max_clients:
-            raise self.reject(503, "too_many_clients", "this node is full", retry_after=5)
+            return await self._elsewhere("too_many_clients", "this node is full", 5)
         if hub.streams_from(self.client_address) >= cfg.limits.max_streams_per_address:
             raise self.reject(429, "too_many_streams",
                               f"at most {cfg.limits.max_streams_per_address} streams per address",
@@ -108,6 +108,27 @@ class EventStreamHandler(ApiHandler):
             if self._headers_written:
                 return  # the stream already started; the client reconnects and resumes
             raise  # 503, from ApiHandler.write_error
+
+    async def _elsewhere(self, code: str, message: str, retry_after: int) -> None:
+        """This node cannot take the stream: let it go elsewhere, and strand no client.
+
+        Through a trusted load balancer: 503, so it tries another node at once (the
+        shipped nginx answers ``retry:`` itself when none can). Otherwise: 200 with a
+        ``retry:`` and an immediate end, because a standard EventSource gives up for
+        good on any non-200 answer, but reconnects after a stream that ends.
+        """
+        if self.ctx.trust.trusts(self.peer_address):
+            raise self.reject(503, code, message, retry_after=retry_after)
+        self.ctx.metrics.rejected.labels(reason=code).inc()
+        for name, value in sse.HEADERS:
+            self.set_header(name, value)
+        self.write(sse.retry(sse.jittered_retry(max(self.ctx.cfg.sse.retry_ms, retry_after * 1000)))
+                   + sse.comment(f"{code}: {message}; come back later"))
+        try:
+            await self.flush()  # a stream's shape (chunked), then its end
+        except StreamClosedError:
+            return
+        self.finish()
 
     def _start_stream(self) -> None:
         for name, value in sse.HEADERS:
