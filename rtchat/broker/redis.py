@@ -64,8 +64,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rtchat.broker.base import (
+    BrokerStatus,
     BrokerUnavailable,
     Deliver,
+    EndpointStatus,
+    Failover,
     NodeStats,
     Presence,
     Published,
@@ -209,16 +212,16 @@ class EndpointHealth:
             self.hard_down = True
             self.good_checks = 0
 
-    def snapshot(self, subscribed: bool) -> dict[str, Any]:
-        return {
-            "url": self.label, "configured_role": self.configured_role,
-            "reachable": self.reachable, "role": self.role,
-            "master_link_status": self.master_link_status, "lag_bytes": self.lag_bytes,
-            "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds, 3),
-            "ping_ms": None if self.ping_ms is None else round(self.ping_ms, 3),
-            "probe_ms": None if self.probe_ms is None else round(self.probe_ms, 3),
-            "last_error": self.last_error, "healthy": self.healthy, "subscribed": subscribed,
-        }
+    def snapshot(self, subscribed: bool) -> EndpointStatus:
+        return EndpointStatus(
+            url=self.label, configured_role=self.configured_role,
+            reachable=self.reachable, role=self.role,
+            master_link_status=self.master_link_status, lag_bytes=self.lag_bytes,
+            lag_seconds=None if self.lag_seconds is None else round(self.lag_seconds, 3),
+            ping_ms=None if self.ping_ms is None else round(self.ping_ms, 3),
+            probe_ms=None if self.probe_ms is None else round(self.probe_ms, 3),
+            last_error=self.last_error, healthy=self.healthy, subscribed=subscribed,
+        )
 
     async def aclose(self) -> None:
         for client in (self.client, self._writer):
@@ -1354,18 +1357,19 @@ class RedisBroker:
             reasons.append("no endpoint delivers (delivery probe overdue)")
         return reasons
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BrokerStatus:
         sub = self._sub
         sub_ep = sub.endpoint if sub is not None and sub.alive else None
         master = self._master
-        return {
-            "backend": "redis",
-            "master": master.label if master is not None else None,
-            "subscribed_endpoint": sub_ep.label if sub_ep is not None else None,
-            "endpoints": [ep.snapshot(ep is sub_ep) for ep in self._endpoints()],
-            "failovers": list(self._failovers),
-            "failover_count": self._failover_count,
-        }
+        return BrokerStatus(
+            backend="redis",
+            master=master.label if master is not None else None,
+            subscribed_endpoint=sub_ep.label if sub_ep is not None else None,
+            endpoints=tuple(ep.snapshot(ep is sub_ep) for ep in self._endpoints()),
+            failovers=tuple(Failover(at=r["at"], from_=r["from"], to=r["to"], reason=r["reason"],
+                                     recovered=r["recovered"]) for r in self._failovers),
+            failover_count=self._failover_count,
+        )
 
 
 def _promoted_from(new: EndpointHealth, old: EndpointHealth) -> bool:
