@@ -51,11 +51,13 @@ def redis_config(master: RedisServer | None, replicas: Sequence[RedisServer] = (
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: config.Config, node_id: str = "node-a"
+async def running(cfg: config.Config, node_id: str = "node-a",
+                  deliver: Callable[[Message], None] | None = None
                   ) -> AsyncIterator[tuple[RedisBroker, Inbox]]:
+    """A started broker; it delivers into the Inbox unless ``deliver`` is given."""
     broker = RedisBroker(cfg, node_id)
     inbox = Inbox()
-    await broker.start(inbox, lambda: {"clients": 0, "address": "127.0.0.1:0"})
+    await broker.start(deliver or inbox, lambda: {"clients": 0, "address": "127.0.0.1:0"})
     try:
         yield broker, inbox
     finally:
@@ -620,18 +622,17 @@ def test_rss_stays_flat_over_100k_messages(start_redis: Callable[..., RedisServe
     async def scenario() -> tuple[int, int, int]:
         cfg = redis_config(master, [replica], **{"broker.redis.replica_ack_timeout_ms": 0,
                                                   "history.size": 1000})
-        async with running(cfg) as (b, _):
-            count = 0
-            last_key = (0, 0)
-            in_order = True
+        count = 0
+        last_key = (0, 0)
+        in_order = True
 
-            def deliver(msg: Message) -> None:  # counts without keeping anything
-                nonlocal count, last_key, in_order
-                count += 1
-                in_order = in_order and msg.key > last_key
-                last_key = msg.key
+        def deliver(msg: Message) -> None:  # counts without keeping anything
+            nonlocal count, last_key, in_order
+            count += 1
+            in_order = in_order and msg.key > last_key
+            last_key = msg.key
 
-            b._deliver = deliver
+        async with running(cfg, deliver=deliver) as (b, _):
             await b.subscribe("soak")
             assert b.status().subscribed_endpoint == replica.url
             text = "x" * 200
