@@ -36,7 +36,7 @@ def modules() -> dict[str, set[str]]:
 
 
 def test_only_the_web_layer_imports_tornado() -> None:
-    allowed = ("app.py", "handlers/", "admin/", "__main__.py", "bench.py")
+    allowed = ("app.py", "handlers/", "admin/", "__main__.py")
     for name, imported in modules().items():
         if any(m == "tornado" or m.startswith("tornado.") for m in imported):
             assert name.startswith(allowed), f"{name} imports tornado"

@@ -77,6 +77,7 @@ def test_installed_wheel_serves_the_chat_page(tmp_path, spawn_node) -> None:
     # Every package, and the Lua the Redis broker reads next to its module.
     assert (site / "rtchat" / "broker" / "redis" / "publish.lua").is_file()
     assert (site / "rtchat" / "broker" / "redis" / "broker.py").is_file()
+    assert (site / "rtchat" / "bench" / "__main__.py").is_file()
     # Only the installed copy is importable: the source tree is not on the path.
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
