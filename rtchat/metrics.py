@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rtchat.broker.base import BrokerStatus
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -35,7 +37,7 @@ class Metrics:
         self.rejected = Counter(
             "rtchat_requests_rejected", "Requests refused, by reason", ["reason"], registry=r)
 
-    def watch_broker(self, status: Callable[[], dict[str, Any]]) -> None:
+    def watch_broker(self, status: Callable[[], BrokerStatus]) -> None:
         self.registry.register(_BrokerCollector(status))
 
     def render(self) -> bytes:
@@ -45,7 +47,7 @@ class Metrics:
 class _BrokerCollector(Collector):
     """Redis endpoint health as gauges, read from ``broker.status()`` at scrape time."""
 
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], BrokerStatus]) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Any]:
@@ -63,19 +65,19 @@ class _BrokerCollector(Collector):
         ping = GaugeMetricFamily("rtchat_redis_ping_seconds", "PING round trip", labels=labels)
         probe = GaugeMetricFamily("rtchat_redis_probe_seconds",
                                   "Master publish to own subscription delivery", labels=labels)
-        for ep in st.get("endpoints", []):
-            lv = [ep["url"], ep.get("configured_role") or ""]
-            up.add_metric(lv, 1.0 if ep.get("reachable") else 0.0)
-            healthy.add_metric(lv, 1.0 if ep.get("healthy") else 0.0)
-            subscribed.add_metric(lv, 1.0 if ep.get("subscribed") else 0.0)
-            if ep.get("lag_bytes") is not None:
-                lag_b.add_metric(lv, float(ep["lag_bytes"]))
-            if ep.get("lag_seconds") is not None:
-                lag_s.add_metric(lv, float(ep["lag_seconds"]))
-            if ep.get("ping_ms") is not None:
-                ping.add_metric(lv, ep["ping_ms"] / 1000.0)
-            if ep.get("probe_ms") is not None:
-                probe.add_metric(lv, ep["probe_ms"] / 1000.0)
+        for ep in st.endpoints:
+            lv = [ep.url, ep.configured_role or ""]
+            up.add_metric(lv, 1.0 if ep.reachable else 0.0)
+            healthy.add_metric(lv, 1.0 if ep.healthy else 0.0)
+            subscribed.add_metric(lv, 1.0 if ep.subscribed else 0.0)
+            if ep.lag_bytes is not None:
+                lag_b.add_metric(lv, float(ep.lag_bytes))
+            if ep.lag_seconds is not None:
+                lag_s.add_metric(lv, float(ep.lag_seconds))
+            if ep.ping_ms is not None:
+                ping.add_metric(lv, ep.ping_ms / 1000.0)
+            if ep.probe_ms is not None:
+                probe.add_metric(lv, ep.probe_ms / 1000.0)
         failovers = CounterMetricFamily("rtchat_redis_failovers", "Subscription endpoint switches")
-        failovers.add_metric([], float(st.get("failover_count", 0)))
+        failovers.add_metric([], float(st.failover_count))
         yield from (up, healthy, subscribed, lag_b, lag_s, ping, probe, failovers)

@@ -14,6 +14,7 @@ from sse_client import SSEClient
 
 from rtchat.admin.access import LoginThrottle, basic_credentials, credentials_match, is_loopback
 from rtchat.admin.pictures import sparkline, topology
+from rtchat.broker.base import BrokerStatus, EndpointStatus
 
 PASSWORD = {"admin.password": "s3cret-pw"}
 XSS = "<script>alert(1)</script>"
@@ -310,13 +311,18 @@ async def test_markup_in_nick_and_user_agent_is_escaped_in_the_page(start_node) 
 # --- the pictures ---------------------------------------------------------------------------------
 
 
-def endpoint(url: str, configured: str, **kw) -> dict:
+def endpoint(url: str, configured: str, **kw) -> EndpointStatus:
     ep = {"url": url, "configured_role": configured, "reachable": True, "role": configured,
           "master_link_status": "up" if configured == "replica" else None, "lag_bytes": 0,
           "lag_seconds": 0.0, "ping_ms": 0.2, "probe_ms": 1.0, "last_error": None,
           "healthy": True, "subscribed": False}
     ep.update(kw)
-    return ep
+    return EndpointStatus(**ep)
+
+
+def redis_status(*endpoints: EndpointStatus) -> BrokerStatus:
+    return BrokerStatus(backend="redis", master=None, subscribed_endpoint=None,
+                        endpoints=endpoints)
 
 
 def test_topology_links_nodes_to_their_endpoint_and_replicas_to_the_master() -> None:
@@ -325,11 +331,11 @@ def test_topology_links_nodes_to_their_endpoint_and_replicas_to_the_master() -> 
     r2 = endpoint("redis://127.0.0.1:7002/0", "replica", reachable=False, healthy=False,
                   master_link_status=None, last_error="Connection refused")
     r3 = endpoint("redis://127.0.0.1:7003/0", "replica", master_link_status="down", healthy=False)
-    nodes = [{"id": "n1", "clients": 1, "endpoint": r1["url"]},
-             {"id": "n2", "clients": 0, "endpoint": r2["url"]},
-             {"id": "n3", "clients": 4, "endpoint": master["url"]},
+    nodes = [{"id": "n1", "clients": 1, "endpoint": r1.url},
+             {"id": "n2", "clients": 0, "endpoint": r2.url},
+             {"id": "n3", "clients": 4, "endpoint": master.url},
              {"id": "n4", "clients": 2, "endpoint": None}]
-    t = topology(nodes, {"backend": "redis", "endpoints": [master, r1, r2, r3]}, "n1")
+    t = topology(nodes, redis_status(master, r1, r2, r3), "n1")
     boxes = {b["id"]: b for b in t["boxes"]}
     assert [b["kind"] for b in t["boxes"]] == ["node"] * 4 + ["replica"] * 3 + ["master"]
     assert boxes["node:n1"]["self"] and boxes["node:n1"]["detail"] == "1 client · this node"
@@ -367,10 +373,10 @@ def test_topology_of_an_unchecked_replica_and_of_a_dead_master() -> None:
     master = endpoint("redis://h:1/0", "master")
     fresh = endpoint("redis://h:2/0", "replica", reachable=None, healthy=False, role=None)
     nodes = [{"id": "n", "clients": 0, "endpoint": "redis://h:2/0"}]
-    t = topology(nodes, {"backend": "redis", "endpoints": [master, fresh]}, "n")
+    t = topology(nodes, redis_status(master, fresh), "n")
     assert {lk["kind"]: lk["state"] for lk in t["links"]} == {"subscribe": "warn", "replication": "warn"}
     dead = endpoint("redis://h:1/0", "master", reachable=False, healthy=False, role=None)
-    t = topology(nodes, {"backend": "redis", "endpoints": [dead, fresh]}, "n")
+    t = topology(nodes, redis_status(dead, fresh), "n")
     assert {lk["kind"]: lk["state"] for lk in t["links"]} == {"subscribe": "warn", "replication": "bad"}
     assert [b["state"] for b in t["boxes"] if b["kind"] == "master"] == ["bad"]
 

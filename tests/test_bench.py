@@ -1,4 +1,4 @@
-"""Tests for rtchat/bench.py: its parsers and maths in isolation, then whole runs
+"""Tests for rtchat/bench/: its parsers and maths in isolation, then whole runs
 against a real rtchat node on a free port (memory broker, started as a process).
 
 Every run goes through ``python -m rtchat.bench`` so stdout is checked to be
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from rtchat import bench
-from rtchat.bench import (
+from rtchat.bench.clients import PAYLOAD_RE, Subscriber, id_order_key, make_text
+from rtchat.bench.options import Options, parse_args
+from rtchat.bench.report import latency_summary, percentile
+from rtchat.bench.wire import (
     ChunkedDecoder,
     ProtocolError,
     SseEvent,
     SseParser,
-    Subscriber,
     UsageError,
-    make_text,
+    build_post,
     parse_target,
-    percentile,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,25 +155,25 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_latency_summary_sorts_and_handles_empty() -> None:
-    assert bench.latency_summary([3.0, 1.0, 2.0]) == {"p50": 2.0, "p90": 3.0, "p99": 3.0,
+    assert latency_summary([3.0, 1.0, 2.0]) == {"p50": 2.0, "p90": 3.0, "p99": 3.0,
                                                       "max": 3.0}
-    assert bench.latency_summary([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+    assert latency_summary([]) == {"p50": None, "p90": None, "p99": None, "max": None}
 
 
 def test_message_token_survives_json_and_is_padded() -> None:
     text = make_text("0123abcd", 3, 41, 100, 1700000000.25)
     assert len(text) == 100
     data = json.dumps({"id": "1-0", "text": text}).encode()
-    m = bench.PAYLOAD_RE.search(data)
+    m = PAYLOAD_RE.search(data)
     assert m is not None
     assert m.groups() == (b"0123abcd", b"3", b"41", b"1700000000.250000")
     assert len(make_text("0123abcd", 0, "s", 0, 1.0)) > 0  # never shorter than the token
 
 
 def test_id_order_key_orders_rtchat_and_nchan_ids() -> None:
-    assert bench.id_order_key(b"1700000000000-2") < bench.id_order_key(b"1700000000000-10")
-    assert bench.id_order_key(b"1700000001:0") > bench.id_order_key(b"1700000000:9")
-    assert bench.id_order_key(b"abc") == ()
+    assert id_order_key(b"1700000000000-2") < id_order_key(b"1700000000000-10")
+    assert id_order_key(b"1700000001:0") > id_order_key(b"1700000000:9")
+    assert id_order_key(b"abc") == ()
 
 
 def make_subscriber(room: int = 0, room_messages: int = 10) -> Subscriber:
@@ -210,6 +210,32 @@ def test_subscriber_judges_order_by_server_ids_when_present() -> None:
     assert (sub.delivered, sub.out_of_order) == (3, 1)
 
 
+def test_options_are_made_from_the_command_line_by_name() -> None:
+    assert parse_args(["--url", "http://h:1"]) == Options(urls=("http://h:1",))  # defaults agree
+    opts = parse_args(["--url", "http://a:1", "--url", "http://b:2", "--clients", "7",
+                       "--messages", "9", "--rate", "0", "--rooms", "3", "--pub-format", "raw",
+                       "--body-bytes", "5", "--connect-timeout", "2", "--connect-concurrency",
+                       "4", "--settle-seconds", "1", "--sync-timeout", "0", "--publishers", "2",
+                       "--request-timeout", "3", "--hold-seconds", "0.5", "--max-send-seconds",
+                       "6", "--reconnect", "--reconnect-delay", "0.2", "--room-prefix", "p-",
+                       "-q", "--sub-url", "{url}/s/{room}", "--pub-url", "{url}/p/{room}"])
+    assert opts == Options(
+        urls=("http://a:1", "http://b:2"), clients=7, messages=9, rate=0.0, rooms=3,
+        sub_url="{url}/s/{room}", pub_url="{url}/p/{room}", pub_format="raw", body_bytes=5,
+        connect_timeout=2.0, connect_concurrency=4, settle_seconds=1.0, sync_timeout=0.0,
+        publishers=2, request_timeout=3.0, hold_seconds=0.5, max_send_seconds=6.0,
+        reconnect=True, reconnect_delay=0.2, room_prefix="p-", quiet=True)
+    # Without --url the templates must not use {url}; the one base URL is then "".
+    direct = parse_args(["--sub-url", "http://h:1/s/{room}", "--pub-url", "http://h:1/p/{room}"])
+    assert direct.urls == ("",)
+    with pytest.raises(UsageError, match="--url is required"):
+        parse_args([])
+    with pytest.raises(UsageError, match="--room-prefix"):
+        parse_args(["--url", "http://h:1", "--room-prefix", ""])  # given empty: not the default
+    with pytest.raises(UsageError, match="--connect-timeout must be greater than 0"):
+        parse_args(["--url", "http://h:1", "--connect-timeout", "0"])
+
+
 def test_parse_target_fills_host_header_and_path() -> None:
     t = parse_target("http://127.0.0.1:8080/rooms/a/events?x=1")
     assert (t.host, t.port, t.path, t.host_header) == ("127.0.0.1", 8080, "/rooms/a/events?x=1",
@@ -222,11 +248,11 @@ def test_parse_target_fills_host_header_and_path() -> None:
 
 def test_build_post_formats() -> None:
     target = parse_target("http://h:1/rooms/r/messages")
-    raw = bench.build_post(target, "raw", "hi there")
+    raw = build_post(target, "raw", "hi there")
     assert raw.endswith(b"\r\n\r\nhi there") and b"Content-Length: 8\r\n" in raw
-    form = bench.build_post(target, "form", "a b")
+    form = build_post(target, "form", "a b")
     assert form.endswith(b"nick=bench&text=a+b")
-    js = bench.build_post(target, "json", "x")
+    js = build_post(target, "json", "x")
     assert json.loads(js.split(b"\r\n\r\n", 1)[1]) == {"nick": "bench", "text": "x"}
     assert js.startswith(b"POST /rooms/r/messages HTTP/1.1\r\nHost: h:1\r\n")
 

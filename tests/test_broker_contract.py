@@ -19,7 +19,7 @@ import pytest
 from broker_inbox import Inbox
 
 from rtchat import config
-from rtchat.broker.base import Broker, Presence
+from rtchat.broker.base import Broker, BrokerStatus, EndpointStatus, Failover, Presence
 
 ID_RE = re.compile(r"^\d+-\d+$")
 BrokerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Broker, "Inbox"]]]
@@ -171,12 +171,37 @@ def test_ready_and_reports_itself(broker: BrokerFactory) -> None:
         async with broker() as (b, _):
             assert b.readiness() == []
             status = b.status()
-            assert status["backend"] == b.kind
-            assert set(status) == {"backend", "master", "subscribed_endpoint", "endpoints",
-                                   "failovers", "failover_count"}
+            assert isinstance(status, BrokerStatus)
+            assert status.backend == b.kind
+            # The JSON shape the admin page and its JavaScript read.
+            assert set(status.to_dict()) == {"backend", "master", "subscribed_endpoint",
+                                             "endpoints", "failovers", "failover_count"}
             nodes = await b.cluster_nodes()
             assert [n["id"] for n in nodes] == ["contract-node"]
         assert b.readiness() != []  # closed
         await b.close()  # twice is fine
 
     asyncio.run(scenario())
+
+
+def test_status_json_keeps_the_admin_page_shape() -> None:
+    ep = EndpointStatus(url="redis://h:1/0", configured_role="replica", reachable=True,
+                        role="replica", master_link_status="up", lag_bytes=0, lag_seconds=0.0,
+                        ping_ms=0.1, probe_ms=0.5, last_error=None, healthy=True, subscribed=True)
+    f = Failover(at=1.5, from_="redis://h:1/0", to="redis://h:2/0", reason="lost", recovered=3)
+    status = BrokerStatus(backend="redis", master="redis://h:0/0",
+                          subscribed_endpoint="redis://h:1/0", endpoints=(ep,), failovers=(f,),
+                          failover_count=4)
+    assert status.to_dict() == {
+        "backend": "redis", "master": "redis://h:0/0", "subscribed_endpoint": "redis://h:1/0",
+        "endpoints": [{"url": "redis://h:1/0", "configured_role": "replica", "reachable": True,
+                       "role": "replica", "master_link_status": "up", "lag_bytes": 0,
+                       "lag_seconds": 0.0, "ping_ms": 0.1, "probe_ms": 0.5, "last_error": None,
+                       "healthy": True, "subscribed": True}],
+        "failovers": [{"at": 1.5, "from": "redis://h:1/0", "to": "redis://h:2/0",
+                       "reason": "lost", "recovered": 3}],
+        "failover_count": 4}
+    # Key order too: the page lists fields as they come.
+    assert list(status.to_dict()["endpoints"][0]) == [
+        "url", "configured_role", "reachable", "role", "master_link_status", "lag_bytes",
+        "lag_seconds", "ping_ms", "probe_ms", "last_error", "healthy", "subscribed"]

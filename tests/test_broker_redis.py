@@ -25,7 +25,7 @@ from probes import async_wait_for, require_tool
 from redis_servers import SERVICE, RedisServer
 
 from rtchat import config
-from rtchat.broker.base import BrokerUnavailable, Presence, Published
+from rtchat.broker.base import BrokerUnavailable, EndpointStatus, Presence, Published
 from rtchat.broker.redis import RedisBroker
 from rtchat.messages import Message
 
@@ -51,11 +51,13 @@ def redis_config(master: RedisServer | None, replicas: Sequence[RedisServer] = (
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: config.Config, node_id: str = "node-a"
+async def running(cfg: config.Config, node_id: str = "node-a",
+                  deliver: Callable[[Message], None] | None = None
                   ) -> AsyncIterator[tuple[RedisBroker, Inbox]]:
+    """A started broker; it delivers into the Inbox unless ``deliver`` is given."""
     broker = RedisBroker(cfg, node_id)
     inbox = Inbox()
-    await broker.start(inbox, lambda: {"clients": 0, "address": "127.0.0.1:0"})
+    await broker.start(deliver or inbox, lambda: {"clients": 0, "address": "127.0.0.1:0"})
     try:
         yield broker, inbox
     finally:
@@ -98,9 +100,9 @@ class Publisher:
         return self.acked
 
 
-def endpoint(broker: RedisBroker, server: RedisServer) -> dict[str, Any]:
-    """The server's row in ``broker.status()["endpoints"]``."""
-    return next(e for e in broker.status()["endpoints"] if e["url"] == server.url)
+def endpoint(broker: RedisBroker, server: RedisServer) -> EndpointStatus:
+    """The server's row in ``broker.status().endpoints``."""
+    return next(e for e in broker.status().endpoints if e.url == server.url)
 
 
 def server_for(url: str | None, servers: Sequence[RedisServer]) -> RedisServer:
@@ -188,7 +190,7 @@ def test_replicated_is_none_without_replicas_and_acks_with_them(
     async def scenario() -> None:
         async with running(redis_config(master)) as (b, _):
             assert (await b.publish("room", "ann", "x")).replicated is None
-            assert b.status()["subscribed_endpoint"] == master.url  # no replica: the master
+            assert b.status().subscribed_endpoint == master.url  # no replica: the master
         replica = start_redis(replica_of=master)
         async with running(redis_config(master, [replica])) as (b, _):
             assert (await b.publish("room", "ann", "y")).replicated is True
@@ -218,17 +220,17 @@ def test_subscription_is_on_a_replica_and_only_for_rooms_asked(
         async with running(redis_config(master, [r1, r2])) as (b, _):
             await b.subscribe("room1")
             status = b.status()
-            sub = server_for(status["subscribed_endpoint"], (r1, r2))
+            sub = server_for(status.subscribed_endpoint, (r1, r2))
             assert pubsub_clients(master) == []
             (client,) = pubsub_clients(sub)
             assert client["name"] == "rtchat-sub:node-a"
             assert [c for c in pubsub_clients(r1 if sub is r2 else r2)] == []
             assert channels(sub) == {f"{PREFIX}probe:node-a", f"{PREFIX}ch:room1"}
-            assert [e["subscribed"] for e in status["endpoints"]] == [
-                e["url"] == sub.url for e in status["endpoints"]]
-            assert [(e["url"], e["configured_role"]) for e in status["endpoints"]] == [
+            assert [e.subscribed for e in status.endpoints] == [
+                e.url == sub.url for e in status.endpoints]
+            assert [(e.url, e.configured_role) for e in status.endpoints] == [
                 (master.url, "master"), (r1.url, "replica"), (r2.url, "replica")]
-            for row in status["endpoints"]:
+            for row in status.to_dict()["endpoints"]:
                 assert set(row) == {"url", "configured_role", "reachable", "role",
                                     "master_link_status", "lag_bytes", "lag_seconds", "ping_ms",
                                     "probe_ms", "last_error", "healthy", "subscribed"}
@@ -249,8 +251,8 @@ def test_subscription_is_on_a_replica_and_only_for_rooms_asked(
             await until(lambda: channels(sub) == {f"{PREFIX}probe:node-a", f"{PREFIX}ch:room2"},
                         "room1 to be unsubscribed")
             # The delivery probe comes back through the subscription.
-            await until(lambda: any(e["probe_ms"] is not None for e in b.status()["endpoints"]
-                                    if e["subscribed"]), "a probe time")
+            await until(lambda: any(e.probe_ms is not None for e in b.status().endpoints
+                                    if e.subscribed), "a probe time")
 
     asyncio.run(scenario())
 
@@ -262,7 +264,7 @@ def test_subscribe_from_master(cluster: tuple[RedisServer, ...]) -> None:
         cfg = redis_config(master, [r1, r2], **{"broker.redis.subscribe_from": "master"})
         async with running(cfg) as (b, inbox):
             await b.subscribe("room")
-            assert b.status()["subscribed_endpoint"] == master.url
+            assert b.status().subscribed_endpoint == master.url
             p = await b.publish("room", "ann", "x")
             await until(lambda: inbox.ids("room") == [p.message.id], "the delivery")
 
@@ -301,26 +303,26 @@ def test_sigkill_of_the_subscribed_replica_under_load(cluster: tuple[RedisServer
     async def scenario() -> None:
         async with running(redis_config(master, [r1, r2])) as (b, inbox):
             await b.subscribe("room")
-            victim = server_for(b.status()["subscribed_endpoint"], (r1, r2))
+            victim = server_for(b.status().subscribed_endpoint, (r1, r2))
             survivor = r2 if victim is r1 else r1
             load = Publisher(b, "room")
             await load.wait_acked(25)
             victim.kill()
-            await until(lambda: b.status()["subscribed_endpoint"] == survivor.url,
+            await until(lambda: b.status().subscribed_endpoint == survivor.url,
                         "the move to the other replica")
             await load.wait_acked(25)
             acked = await load.stop()
             assert load.failed == 0  # the master never went away
             await assert_all_delivered(inbox, "room", acked)
-            (record,) = b.status()["failovers"]
-            assert record["from"] == victim.url and record["to"] == survivor.url
-            assert "connection" in record["reason"] or "Connection" in record["reason"]
-            assert isinstance(record["recovered"], int) and record["recovered"] >= 0
-            assert b.status()["failover_count"] == 1
-            await until(lambda: endpoint(b, victim)["reachable"] is False,
+            (record,) = b.status().failovers
+            assert record.from_ == victim.url and record.to == survivor.url
+            assert "connection" in record.reason or "Connection" in record.reason
+            assert isinstance(record.recovered, int) and record.recovered >= 0
+            assert b.status().failover_count == 1
+            await until(lambda: endpoint(b, victim).reachable is False,
                         "the dead replica to show as unreachable")
-            assert endpoint(b, victim)["subscribed"] is False
-            assert endpoint(b, victim)["healthy"] is False
+            assert endpoint(b, victim).subscribed is False
+            assert endpoint(b, victim).healthy is False
 
     asyncio.run(scenario())
 
@@ -331,17 +333,17 @@ def test_client_kill_type_pubsub_moves_the_subscription(cluster: tuple[RedisServ
     async def scenario() -> None:
         async with running(redis_config(master, [r1, r2])) as (b, inbox):
             await b.subscribe("room")
-            victim = server_for(b.status()["subscribed_endpoint"], (r1, r2))
+            victim = server_for(b.status().subscribed_endpoint, (r1, r2))
             load = Publisher(b, "room")
             await load.wait_acked(25)
             with victim.client() as c:
                 assert c.client_kill_filter(_type="pubsub") == 1
-            await until(lambda: b.status()["failover_count"] == 1, "the switch")
+            await until(lambda: b.status().failover_count == 1, "the switch")
             await load.wait_acked(25)
             acked = await load.stop()
             await assert_all_delivered(inbox, "room", acked)
-            (record,) = b.status()["failovers"]
-            assert record["from"] == victim.url and record["to"] != victim.url
+            (record,) = b.status().failovers
+            assert record.from_ == victim.url and record.to != victim.url
             assert b.readiness() == []
 
     asyncio.run(scenario())
@@ -357,19 +359,19 @@ def test_client_pause_is_caught_by_health_and_probe(cluster: tuple[RedisServer, 
     async def scenario() -> None:
         async with running(redis_config(master, [r1, r2])) as (b, inbox):
             await b.subscribe("room")
-            victim = server_for(b.status()["subscribed_endpoint"], (r1, r2))
+            victim = server_for(b.status().subscribed_endpoint, (r1, r2))
             load = Publisher(b, "room")
             await load.wait_acked(25)
             # The connection stays open and silent: only health checks and the probe see it.
             with victim.client() as c:
                 c.execute_command("CLIENT", "PAUSE", 4000, mode)
-            await until(lambda: b.status()["failover_count"] == 1, "the switch", timeout=6)
+            await until(lambda: b.status().failover_count == 1, "the switch", timeout=6)
             await load.wait_acked(25)
             acked = await load.stop()
             await assert_all_delivered(inbox, "room", acked)
-            (record,) = b.status()["failovers"]
-            assert record["from"] == victim.url and record["to"] != victim.url
-            assert record["recovered"] > 0  # what the stalled replica held back came from history
+            (record,) = b.status().failovers
+            assert record.from_ == victim.url and record.to != victim.url
+            assert record.recovered > 0  # what the stalled replica held back came from history
 
     asyncio.run(scenario())
 
@@ -382,20 +384,20 @@ def test_back_to_a_replica_after_a_spell_on_the_master(
     async def scenario() -> None:
         async with running(redis_config(master, [replica])) as (b, inbox):
             await b.subscribe("room")
-            assert b.status()["subscribed_endpoint"] == replica.url
+            assert b.status().subscribed_endpoint == replica.url
             load = Publisher(b, "room")
             await load.wait_acked(10)
             with replica.client() as c:  # the only replica: the master must stand in
                 c.client_kill_filter(_type="pubsub")
-            await until(lambda: b.status()["subscribed_endpoint"] == master.url, "the master")
+            await until(lambda: b.status().subscribed_endpoint == master.url, "the master")
             # Once the replica has held steady for a few checks, the subscription goes back.
-            await until(lambda: b.status()["subscribed_endpoint"] == replica.url, "the replica")
+            await until(lambda: b.status().subscribed_endpoint == replica.url, "the replica")
             await load.wait_acked(25)  # ...and stays there: no flapping
             acked = await load.stop()
             await assert_all_delivered(inbox, "room", acked)
-            moves = [(f["from"], f["to"]) for f in b.status()["failovers"]]
+            moves = [(f.from_, f.to) for f in b.status().failovers]
             assert moves == [(replica.url, master.url), (master.url, replica.url)]
-            assert b.status()["failovers"][1]["reason"] == "a replica is healthy again"
+            assert b.status().failovers[1].reason == "a replica is healthy again"
         # close() ends every task it started
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
@@ -419,8 +421,8 @@ def test_master_only_outage_and_recovery(start_redis: Callable[..., RedisServer]
             after = await b.publish("room", "ann", "after")
             await until(lambda: len(inbox.ids("room")) >= 2, "both deliveries")
             assert inbox.ids("room") == [before.message.id, after.message.id]
-            (record,) = b.status()["failovers"]
-            assert record["from"] == record["to"] == master.url
+            (record,) = b.status().failovers
+            assert record.from_ == record.to == master.url
 
     asyncio.run(scenario())
 
@@ -490,8 +492,8 @@ def test_sentinel_failover_under_load(cluster: tuple[RedisServer, ...],
 
     async def scenario() -> None:
         async with running(cfg) as (b, inbox):
-            assert b.status()["master"] == master.url
-            assert {e["url"] for e in b.status()["endpoints"]} == {s.url for s in servers}
+            assert b.status().master == master.url
+            assert {e.url for e in b.status().endpoints} == {s.url for s in servers}
             await b.subscribe("room")
             load = Publisher(b, "room")
             await load.wait_acked(25)
@@ -506,8 +508,8 @@ def test_sentinel_failover_under_load(cluster: tuple[RedisServer, ...],
                         raise
 
             await until(failover, "Sentinel to start the failover")
-            await until(lambda: b.status()["master"] != master.url, "the new master", 15)
-            promoted = server_for(b.status()["master"], (r1, r2))
+            await until(lambda: b.status().master != master.url, "the new master", 15)
+            promoted = server_for(b.status().master, (r1, r2))
             with promoted.client() as c:
                 assert c.info("replication")["role"] == "master"
             await load.wait_acked(50)
@@ -620,20 +622,19 @@ def test_rss_stays_flat_over_100k_messages(start_redis: Callable[..., RedisServe
     async def scenario() -> tuple[int, int, int]:
         cfg = redis_config(master, [replica], **{"broker.redis.replica_ack_timeout_ms": 0,
                                                   "history.size": 1000})
-        async with running(cfg) as (b, _):
-            count = 0
-            last_key = (0, 0)
-            in_order = True
+        count = 0
+        last_key = (0, 0)
+        in_order = True
 
-            def deliver(msg: Message) -> None:  # counts without keeping anything
-                nonlocal count, last_key, in_order
-                count += 1
-                in_order = in_order and msg.key > last_key
-                last_key = msg.key
+        def deliver(msg: Message) -> None:  # counts without keeping anything
+            nonlocal count, last_key, in_order
+            count += 1
+            in_order = in_order and msg.key > last_key
+            last_key = msg.key
 
-            b._deliver = deliver
+        async with running(cfg, deliver=deliver) as (b, _):
             await b.subscribe("soak")
-            assert b.status()["subscribed_endpoint"] == replica.url
+            assert b.status().subscribed_endpoint == replica.url
             text = "x" * 200
             sent = 0
             before = 0

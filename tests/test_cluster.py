@@ -25,7 +25,7 @@ def pubsub_count(server) -> int:
 
 
 def endpoint_of(node, servers) -> Any:
-    url = node.hub.broker.status()["subscribed_endpoint"]
+    url = node.hub.broker.status().subscribed_endpoint
     return next((s for s in servers if s.url == url), None)
 
 
@@ -135,7 +135,7 @@ async def test_subscription_failure_loses_nothing(start_node, redis_trio, chaos)
             with victim.client() as c:  # the replica goes silent: connections open, nothing moves
                 c.execute_command("CLIENT", "PAUSE", "4000", "ALL")
         await async_wait_for(
-            lambda: a.hub.broker.status()["failover_count"] >= 1, timeout=15,
+            lambda: a.hub.broker.status().failover_count >= 1, timeout=15,
             what="node A to switch its subscription")
         count = len(publisher.acked)
         await async_wait_for(lambda: len(publisher.acked) >= count + 50, timeout=20,
@@ -143,12 +143,12 @@ async def test_subscription_failure_loses_nothing(start_node, redis_trio, chaos)
         await publisher.stop()
         await assert_exactly_once_in_order(readers, publisher.acked)
         status = a.hub.broker.status()
-        entry = status["failovers"][-1]
-        assert entry["from"] == victim.url
-        assert entry["to"] != victim.url and entry["reason"]
-        assert isinstance(entry["recovered"], int) and entry["recovered"] >= 0
+        entry = status.failovers[-1]
+        assert entry.from_ == victim.url
+        assert entry.to != victim.url and entry.reason
+        assert isinstance(entry.recovered, int) and entry.recovered >= 0
         if chaos == "sigkill":
-            assert status["subscribed_endpoint"] != victim.url
+            assert status.subscribed_endpoint != victim.url
     finally:
         stop.set()
         for t in tasks:

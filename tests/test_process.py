@@ -74,6 +74,10 @@ def test_installed_wheel_serves_the_chat_page(tmp_path, spawn_node) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True, timeout=300, capture_output=True)
     assert (site / "rtchat" / "templates" / "chat.html").is_file()
+    # Every package, and the Lua the Redis broker reads next to its module.
+    assert (site / "rtchat" / "broker" / "redis" / "publish.lua").is_file()
+    assert (site / "rtchat" / "broker" / "redis" / "broker.py").is_file()
+    assert (site / "rtchat" / "bench" / "__main__.py").is_file()
     # Only the installed copy is importable: the source tree is not on the path.
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()

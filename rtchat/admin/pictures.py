@@ -3,7 +3,8 @@
 Owns the topology layout (three columns: nodes -> replicas -> master, with
 every link coloured by health) and the sparkline's polyline points, so the
 server-rendered SVG and the live JavaScript redraw draw exactly the same
-thing and neither knows the rules. Pure: input is the status snapshot's data.
+thing and neither knows the rules. Pure: input is the node list and the broker's
+``BrokerStatus``; output is plain JSON-ready data.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
+
+from rtchat.broker.base import BrokerStatus, EndpointStatus
 
 BOX_W = 200
 BOX_H = 46
@@ -37,33 +40,33 @@ def _cut(text: str) -> str:
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
 
-def _endpoint_state(ep: Mapping[str, Any]) -> str:
-    if ep.get("reachable") is False:
+def _endpoint_state(ep: EndpointStatus) -> str:
+    if ep.reachable is False:
         return "bad"
-    if ep.get("healthy"):
+    if ep.healthy:
         return "ok"
-    return "warn" if ep.get("reachable") is None else "bad"
+    return "warn" if ep.reachable is None else "bad"
 
 
-def _replication_state(replica: Mapping[str, Any], master: Mapping[str, Any] | None) -> str:
+def _replication_state(replica: EndpointStatus, master: EndpointStatus | None) -> str:
     """A replica's link to the master: red unless both ends are up and the link says so."""
-    if master is None or master.get("reachable") is False:
+    if master is None or master.reachable is False:
         return "bad"
-    if replica.get("reachable") is None or master.get("reachable") is None:
+    if replica.reachable is None or master.reachable is None:
         return "warn"  # not checked yet
-    if not replica.get("reachable") or replica.get("master_link_status") != "up":
+    if not replica.reachable or replica.master_link_status != "up":
         return "bad"
-    return "ok" if replica.get("healthy") else "bad"
+    return "ok" if replica.healthy else "bad"
 
 
-def topology(nodes: Sequence[Mapping[str, Any]], broker: Mapping[str, Any], self_id: str
+def topology(nodes: Sequence[Mapping[str, Any]], broker: BrokerStatus, self_id: str
            ) -> dict[str, Any]:
     """Boxes ``{id, kind, x, y, w, h, label, detail, title, state, self}`` and links
     ``{x1, y1, x2, y2, d, kind, state}`` (state: ok | warn | bad), plus the canvas size."""
-    endpoints = list(broker.get("endpoints") or [])
-    embedded = broker.get("backend") == "memory"
-    masters = [ep for ep in endpoints if ep.get("configured_role") == "master"]
-    replicas = [ep for ep in endpoints if ep.get("configured_role") != "master"]
+    endpoints = list(broker.endpoints)
+    embedded = broker.backend == "memory"
+    masters = [ep for ep in endpoints if ep.configured_role == "master"]
+    replicas = [ep for ep in endpoints if ep.configured_role != "master"]
     master = masters[0] if masters else None
 
     columns: list[list[dict[str, Any]]] = [[]]
@@ -103,7 +106,7 @@ def topology(nodes: Sequence[Mapping[str, Any]], broker: Mapping[str, Any], self
             boxes[box["id"]] = box
 
     links: list[dict[str, Any]] = []
-    by_url = {ep.get("url"): ep for ep in endpoints}
+    by_url = {ep.url: ep for ep in endpoints}
     for box in columns[0]:
         target_url = box.pop("_endpoint")
         if embedded:
@@ -114,25 +117,25 @@ def topology(nodes: Sequence[Mapping[str, Any]], broker: Mapping[str, Any], self
             # A node that reads nothing (or from a server this node does not know): no link.
             box["state"] = "bad" if not target_url else "warn"
             continue
-        links.append(_link(box, boxes[f"ep:{ep.get('url')}"], "subscribe", _endpoint_state(ep)))
+        links.append(_link(box, boxes[f"ep:{ep.url}"], "subscribe", _endpoint_state(ep)))
     if master is not None:
         for ep in replicas:
-            links.append(_link(boxes[f"ep:{ep.get('url')}"], boxes[f"ep:{master.get('url')}"],
+            links.append(_link(boxes[f"ep:{ep.url}"], boxes[f"ep:{master.url}"],
                                "replication", _replication_state(ep, master)))
     return {"width": width, "height": height,
             "boxes": [b for col in columns for b in col], "links": links}
 
 
-def _endpoint_box(ep: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    url = str(ep.get("url", "?"))
-    role = ep.get("role") or "unknown"
-    if ep.get("reachable") is False:
+def _endpoint_box(ep: EndpointStatus, kind: str) -> dict[str, Any]:
+    url = ep.url
+    role = ep.role or "unknown"
+    if ep.reachable is False:
         detail = "unreachable"
-    elif kind == "replica" and ep.get("lag_seconds") is not None:
-        detail = f"{role} · lag {ep['lag_seconds']:.2f}s"
+    elif kind == "replica" and ep.lag_seconds is not None:
+        detail = f"{role} · lag {ep.lag_seconds:.2f}s"
     else:
         detail = role
-    if ep.get("subscribed"):
+    if ep.subscribed:
         detail += " · ★ subscribed"
     return {"id": f"ep:{url}", "kind": kind, "label": _cut(short_endpoint(url)), "detail": detail,
             "title": f"{kind} {url}: {detail}", "state": _endpoint_state(ep), "self": False}

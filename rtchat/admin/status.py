@@ -64,7 +64,8 @@ async def build_status(hub: Hub, sampler: ThroughputSampler, version: str) -> di
     streams = sorted(hub.streams(), key=lambda s: s.connected_at)
     clients = [s.info() for s in streams[:MAX_CLIENTS_LISTED]]
 
-    redis = dict(broker.status())
+    broker_status = broker.status()
+    redis = broker_status.to_dict()
     redis["embedded"] = broker.kind == "memory"
     if redis["embedded"]:
         redis["note"] = EMBEDDED_NOTE
@@ -78,5 +79,5 @@ async def build_status(hub: Hub, sampler: ThroughputSampler, version: str) -> di
                     "truncated": len(streams) > len(clients)},
         "redis": redis,
         "ready": {"ready": not reasons, "reasons": reasons},
-        "topology": topology(nodes, redis, hub.node_id),
+        "topology": topology(nodes, broker_status, hub.node_id),
     }

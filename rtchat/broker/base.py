@@ -15,7 +15,7 @@ callback is called from the event loop and never blocks.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from rtchat.messages import Message
@@ -64,6 +64,61 @@ class Presence:
 
     count: int
     nicks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    """What the last health check saw of one Redis server. None = not known (yet)."""
+
+    url: str  # credentials masked
+    configured_role: str  # "master" | "replica": the part it plays for this node
+    reachable: bool | None
+    role: str | None  # what the server itself says it is
+    master_link_status: str | None  # a replica's link to its master ("up", "down", ...)
+    lag_bytes: int | None
+    lag_seconds: float | None
+    ping_ms: float | None
+    probe_ms: float | None  # master publish -> this node's subscription on this endpoint
+    last_error: str | None
+    healthy: bool
+    subscribed: bool  # this node's subscription is on it
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """One move of the subscription. ``from_`` is ``"from"`` in JSON (a Python keyword)."""
+
+    at: float  # unix time the switch began
+    from_: str
+    to: str
+    reason: str
+    recovered: int  # messages replayed from the streams after the switch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.from_, "to": self.to, "reason": self.reason,
+                "recovered": self.recovered}
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatus:
+    """Health of every endpoint, the subscription endpoint and the failover history.
+
+    ``to_dict()`` is the JSON shape the admin page and its JavaScript read.
+    """
+
+    backend: str  # "memory" | "redis"
+    master: str | None
+    subscribed_endpoint: str | None
+    endpoints: tuple[EndpointStatus, ...] = ()
+    failovers: tuple[Failover, ...] = ()  # oldest first, the last FAILOVER_HISTORY
+    failover_count: int = 0  # every switch since start, not only those kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "master": self.master,
+                "subscribed_endpoint": self.subscribed_endpoint,
+                "endpoints": [asdict(ep) for ep in self.endpoints],
+                "failovers": [f.to_dict() for f in self.failovers],
+                "failover_count": self.failover_count}
 
 
 FROM_START = "0-0"  # a resume id meaning "everything the room holds": no message has this id
@@ -123,12 +178,5 @@ class Broker(Protocol):
     def readiness(self) -> list[str]:
         """Reasons this node cannot publish or receive now; empty when ready."""
 
-    def status(self) -> dict[str, Any]:
-        """Health of every endpoint, the subscription endpoint and the failover history.
-
-        Shape: ``{"backend", "master", "subscribed_endpoint", "endpoints": [
-        {"url", "configured_role", "reachable", "role", "master_link_status",
-        "lag_bytes", "lag_seconds", "ping_ms", "probe_ms", "last_error",
-        "healthy", "subscribed"}], "failovers": [{"at", "from", "to",
-        "reason", "recovered"}], "failover_count"}``.
-        """
+    def status(self) -> BrokerStatus:
+        """Health of every endpoint, the subscription endpoint and the failover history."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtchat.broker.base import (
+    BrokerStatus,
     Deliver,
     NodeStats,
     Presence,
@@ -161,6 +162,5 @@ class MemoryBroker:
     def readiness(self) -> list[str]:
         return [] if self._deliver is not None else ["broker not started"]
 
-    def status(self) -> dict[str, Any]:
-        return {"backend": "memory", "master": None, "subscribed_endpoint": None,
-                "endpoints": [], "failovers": [], "failover_count": 0}
+    def status(self) -> BrokerStatus:
+        return BrokerStatus(backend="memory", master=None, subscribed_endpoint=None)

@@ -312,8 +312,8 @@ class RtchatTarget(Target):
     def check(self) -> None:
         if not (ROOT / "rtchat" / "__main__.py").exists():
             raise Unavailable("rtchat/__main__.py is missing")
-        if self.use_redis and not (ROOT / "rtchat" / "broker" / "redis.py").exists():
-            raise Unavailable("rtchat/broker/redis.py is missing")
+        if self.use_redis and not (ROOT / "rtchat" / "broker" / "redis" / "__init__.py").exists():
+            raise Unavailable("rtchat/broker/redis/ is missing")
 
     def start_helpers(self) -> None:
         if self.use_redis:

@@ -1,0 +1,23 @@
+"""The Redis broker: publish on the master, subscribe on a replica, never lose the thread.
+
+Split by the state each part owns; ``broker.RedisBroker`` ties them together:
+
+* ``keys``          every key and channel name (pure)
+* ``endpoint``      one server: its clients and its health record
+* ``topology``      master, replicas, the verdict, the endpoint to subscribe on
+* ``sentinel``      the master and replicas as Sentinel reports them
+* ``subscription``  the pub/sub connection, its confirmations and the delivery probe
+* ``delivery``      per room, the last delivered id: ``prev``-chain order and gap fill
+* ``publish``       the Lua script (``publish.lua``) and ``WAIT``
+* ``history``       the stream reads
+* ``cluster``       heartbeats and presence
+* ``broker``        lifecycle, health round, switches, readiness, status
+
+Imports run one way: ``keys`` and ``endpoint`` are leaves, ``sentinel``
+stands on ``topology``, and only ``broker`` imports the others. This
+package is the only place rtchat imports ``redis``.
+"""
+
+from rtchat.broker.redis.broker import RedisBroker
+
+__all__ = ["RedisBroker"]

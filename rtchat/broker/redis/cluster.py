@@ -1,0 +1,155 @@
+"""The cluster view in Redis: one heartbeat per node, and per-room presence.
+
+Owns this node's presence (nick -> open streams, per room; rewritten with
+every heartbeat so it outlives a master restart) and the reads of everyone
+else's: ``<prefix>node:<id>`` is a TTL'd heartbeat (the node's stats, what
+it reads from, when it was last seen), ``<prefix>presence:<room>`` a hash
+with one field per node. A node whose heartbeat expired drops out of
+presence at once, and its fields are cleaned up by the next reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from rtchat.broker.base import BrokerUnavailable, NodeStats, Presence
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, read_first
+from rtchat.broker.redis.keys import Keys
+
+log = logging.getLogger("rtchat.broker.redis")
+
+
+class ClusterState:
+    """This node's heartbeat and presence, and the cluster's as read back."""
+
+    def __init__(self, keys: Keys, heartbeat_ttl: int, check_timeout: float) -> None:
+        self._keys = keys
+        self._node_id = keys.node_id
+        self._ttl = heartbeat_ttl
+        self._check_timeout = check_timeout
+        self._presence: dict[str, dict[str, int]] = {}
+        self.node_stats: NodeStats | None = None
+
+    def _stats(self, endpoint: str | None) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if self.node_stats is not None:
+            stats = dict(self.node_stats())
+        stats.update(id=self._node_id, last_seen=time.time(), endpoint=endpoint)
+        return stats
+
+    async def heartbeat(self, master: EndpointHealth, endpoint: str | None) -> None:
+        """Write this node's heartbeat (``endpoint``: what it reads from) and its presence."""
+        stats: dict[str, Any] = {}
+        if self.node_stats is not None:
+            try:
+                stats = dict(self.node_stats())
+            except Exception:
+                log.exception("node_stats() failed")
+        stats.update(id=self._node_id, last_seen=time.time(), endpoint=endpoint)
+        ttl = self._ttl
+        try:
+            async with master.client.pipeline(transaction=False) as pipe:
+                pipe.set(self._keys.own_node, json.dumps(stats, default=str), ex=ttl)
+                for room, nicks in self._presence.items():
+                    pkey = self._keys.presence(room)
+                    pipe.hset(pkey, self._node_id, json.dumps(nicks))
+                    pipe.expire(pkey, ttl)
+                await asyncio.wait_for(pipe.execute(), self._check_timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            master.note_failure(e)
+
+    async def leave(self, master: EndpointHealth) -> None:
+        """A graceful leave: this node's heartbeat and presence go at once. Never raises."""
+        with contextlib.suppress(Exception):
+            async with master.client.pipeline(transaction=False) as pipe:
+                pipe.delete(self._keys.own_node)
+                for room in self._presence:
+                    pipe.hdel(self._keys.presence(room), self._node_id)
+                await asyncio.wait_for(pipe.execute(), SOCKET_TIMEOUT)
+
+    async def set_presence(self, master: EndpointHealth | None, room: str,
+                           nicks: Mapping[str, int]) -> None:
+        """Record this node's clients in ``room``; kept locally and rewritten every heartbeat."""
+        counts = {n: int(c) for n, c in nicks.items() if c > 0}
+        if counts:
+            self._presence[room] = counts
+        else:
+            self._presence.pop(room, None)
+        if master is None:
+            return
+        pkey = self._keys.presence(room)
+        try:
+            async with master.client.pipeline(transaction=False) as pipe:
+                if counts:
+                    pipe.hset(pkey, self._node_id, json.dumps(counts))
+                    pipe.expire(pkey, self._ttl)
+                else:
+                    pipe.hdel(pkey, self._node_id)
+                await pipe.execute()
+        except (RedisError, OSError) as e:
+            log.debug("presence for %s not written now: %s", room, e)
+
+    async def presence(self, eps: list[EndpointHealth], master: EndpointHealth | None,
+                       room: str) -> Presence:
+        """Presence summed over nodes whose heartbeat is alive (a dead node's clients drop off)."""
+        pkey = self._keys.presence(room)
+        node_key = self._keys.node
+
+        async def read(client: aioredis.Redis) -> tuple[dict[str, str], list[str]]:
+            fields = await client.hgetall(pkey)
+            others = [n for n in fields if n != self._node_id]
+            if not others:
+                return fields, []
+            async with client.pipeline(transaction=False) as pipe:
+                for n in others:
+                    pipe.exists(node_key(n))
+                alive = await pipe.execute()
+            return fields, [n for n, a in zip(others, alive, strict=True) if a]
+
+        fields, alive = await read_first(eps, read)
+        total: Counter[str] = Counter(self._presence.get(room, {}))
+        for node in alive:
+            try:
+                counts = json.loads(fields[node])
+                total.update({str(k): int(v) for k, v in counts.items()})
+            except (ValueError, TypeError, AttributeError):
+                continue
+        dead = [n for n in fields if n != self._node_id and n not in alive]
+        if dead and master is not None and master.reachable:
+            with contextlib.suppress(RedisError, OSError):
+                await master.client.hdel(pkey, *dead)
+        return Presence(count=sum(total.values()), nicks=sorted(n for n in total if n))
+
+    async def nodes(self, eps: list[EndpointHealth], endpoint: str | None
+                    ) -> list[dict[str, Any]]:
+        """Every node with a live heartbeat; this node alone (reading ``endpoint``) when Redis
+        cannot answer."""
+        pattern = self._keys.node_pattern
+
+        async def read(client: aioredis.Redis) -> list[Any]:
+            keys = [k async for k in client.scan_iter(match=pattern, count=500)]
+            return await client.mget(keys) if keys else []
+
+        try:
+            values = await read_first(eps, read)
+        except BrokerUnavailable:
+            return [self._stats(endpoint)]
+        nodes = []
+        for v in values:
+            if v is None:
+                continue
+            try:
+                nodes.append(json.loads(v))
+            except ValueError:
+                continue
+        return sorted(nodes, key=lambda n: str(n.get("id", "")))

@@ -1,0 +1,57 @@
+"""Every Redis key and pub/sub channel rtchat uses, named in one place.
+
+All names start with ``redis.key_prefix``:
+
+* ``<prefix>room:<room>``     the room's stream (history; the ``prev`` chain)
+* ``<prefix>ch:<room>``       the room's channel (the stored entry, published)
+* ``<prefix>probe:<node>``    a node's private delivery-probe channel
+* ``<prefix>node:<node>``     a node's heartbeat (TTL'd JSON)
+* ``<prefix>presence:<room>`` per-room presence hash (field = node id)
+
+Pure: no I/O, no redis import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The names for one node under one prefix."""
+
+    prefix: str
+    node_id: str
+
+    def stream(self, room: str) -> str:
+        return f"{self.prefix}room:{room}"
+
+    @property
+    def channel_prefix(self) -> str:
+        return f"{self.prefix}ch:"
+
+    def channel(self, room: str) -> str:
+        return self.channel_prefix + room
+
+    def room_of(self, channel: str) -> str:
+        """The room of a channel made by ``channel`` (only those are ever subscribed)."""
+        return channel[len(self.channel_prefix):]
+
+    @property
+    def probe_channel(self) -> str:
+        return f"{self.prefix}probe:{self.node_id}"
+
+    def node(self, node_id: str) -> str:
+        """A node's heartbeat key; ``node("*")`` is the pattern that finds them all."""
+        return f"{self.prefix}node:{node_id}"
+
+    @property
+    def own_node(self) -> str:
+        return self.node(self.node_id)
+
+    @property
+    def node_pattern(self) -> str:
+        return self.node("*")
+
+    def presence(self, room: str) -> str:
+        return f"{self.prefix}presence:{room}"
