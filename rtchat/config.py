@@ -85,6 +85,8 @@ class BrokerConfig:
 class HistoryConfig:
     size: int = 1000
     ttl_seconds: int = 86400
+    # How long an idempotency key answers with its first message (from the first answer).
+    dedup_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "broker.redis.health_interval_seconds": _POSITIVE,
     "history.size": _POSITIVE,
     "history.ttl_seconds": _POSITIVE,
+    "history.dedup_seconds": _POSITIVE,
     "sse.heartbeat_seconds": _POSITIVE,
     "sse.retry_ms": _POSITIVE,
     "sse.max_queue": _POSITIVE,

@@ -302,10 +302,12 @@ class Hub:
         self.metrics.delivered.inc(len(streams))
         self.metrics.fanout_latency.observe(max(0.0, time.time() - msg.ts))
 
-    async def publish(self, room: str, nick: str, text: str) -> Published:
-        published = await self.broker.publish(room, nick, text)
-        self.messages_in += 1
-        self.metrics.published.inc()
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
+        """Store a message (KeyConflict, BrokerUnavailable: see Broker.publish)."""
+        published = await self.broker.publish(room, nick, text, key)
+        if not published.duplicate:
+            self.messages_in += 1
+            self.metrics.published.inc()
         return published
 
     # -- heartbeats and presence ---------------------------------------------------

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 # Every rule here is matched whole (fullmatch) and in ASCII: "lobby\n" is not "lobby",
 # and "١٢٣" (Arabic-Indic digits) is not a number.
-ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+# Room names and idempotency keys: 1-64 of A-Z a-z 0-9 _ -.
+ROOM_RE = KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 _ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
 _DIGITS_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
 _U64_MAX = (1 << 64) - 1
@@ -37,6 +38,11 @@ class InvalidMessage(ValueError):
 
 def valid_room(room: str) -> bool:
     return ROOM_RE.fullmatch(room) is not None
+
+
+def valid_key(key: str) -> bool:
+    """An idempotency key: 1-64 of A-Z a-z 0-9 _ -."""
+    return KEY_RE.fullmatch(key) is not None
 
 
 def normalize_nick(nick: str, max_chars: int) -> str | None:

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,10 @@ def test_the_graph_reader_sees_the_tree() -> None:
     assert "broker/redis/broker.py" in edges["broker/redis/__init__.py"]
     assert "broker/base.py" in edges["hub.py"]
     assert module_file("rtchat.broker.redis") == "broker/redis/__init__.py"
+
+
+def test_handlers_ask_the_hub_never_the_broker() -> None:
+    """The hub is the web layer's only door: no handler reaches through ``hub.broker``."""
+    for path in [*PACKAGE.joinpath("handlers").glob("*.py"), PACKAGE / "admin" / "handlers.py"]:
+        text = path.read_text()
+        assert re.search(r"hub\.broker\b(?!_)", text) is None, path.name

@@ -14,6 +14,7 @@ callback is called from the event loop and never blocks.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -36,12 +37,26 @@ class BrokerUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class KeyConflict(Exception):
+    """An idempotency key already used in this room for a message with other content."""
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
-    """A stored message. ``replicated`` is None when there is nothing to replicate to."""
+    """A stored message. ``replicated`` is None when there is nothing to replicate to.
+
+    ``duplicate`` is True when the send's idempotency key had already stored this
+    message: nothing was stored or announced again.
+    """
 
     message: Message
     replicated: bool | None = None
+    duplicate: bool = False
+
+
+def content_digest(nick: str, text: str) -> str:
+    """What an idempotency key is bound to: the same key must carry the same message."""
+    return hashlib.sha256(f"{nick}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +163,14 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop background work and close connections. Safe to call twice."""
 
-    async def publish(self, room: str, nick: str, text: str) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
         """Store a message (and announce it); returns only once it is in history.
 
-        Raises BrokerUnavailable when it cannot be stored.
+        With ``key`` (an idempotency key), a second send with the same key in the
+        same room within ``history.dedup_seconds`` of the first stores nothing and
+        returns the first message with ``duplicate=True``; the check and the store
+        are one atomic step. Raises KeyConflict when the key was used for other
+        content, BrokerUnavailable when it cannot be stored.
         """
 
     async def history(self, room: str, limit: int) -> list[Message]:

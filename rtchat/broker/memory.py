@@ -21,10 +21,12 @@ from typing import Any
 from rtchat.broker.base import (
     BrokerStatus,
     Deliver,
+    KeyConflict,
     NodeStats,
     Presence,
     Published,
     Replay,
+    content_digest,
     replay_is_complete,
 )
 from rtchat.config import Config
@@ -49,13 +51,16 @@ class MemoryBroker:
         self._rooms: dict[str, _Room] = {}
         self._subscribed: set[str] = set()
         self._presence: dict[str, dict[str, int]] = {}
+        self._dedup_seconds = cfg.history.dedup_seconds
+        # (room, idempotency key) -> (expires at, content digest, the message it stored)
+        self._keys: dict[tuple[str, str], tuple[float, str, Message]] = {}
         self._deliver: Deliver | None = None
         self._node_stats: NodeStats | None = None
         self._next_sweep = time.monotonic() + self._sweep_interval()
         self._sweeper: asyncio.Task[None] | None = None
 
     def _sweep_interval(self) -> float:
-        return min(60.0, max(0.5, self._ttl / 4))
+        return min(60.0, max(0.5, min(self._ttl, self._dedup_seconds) / 4))
 
     @property
     def room_count(self) -> int:
@@ -69,6 +74,7 @@ class MemoryBroker:
                 if now - state.touched > self._ttl and room not in self._subscribed]
         for room in idle:
             del self._rooms[room]
+        self._keys = {k: v for k, v in self._keys.items() if v[0] > now}
 
     async def start(self, deliver: Deliver, node_stats: NodeStats) -> None:
         self._deliver = deliver
@@ -98,7 +104,15 @@ class MemoryBroker:
             state.messages.clear()
         return state
 
-    async def publish(self, room: str, nick: str, text: str) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
+        digest = ""
+        if key is not None:
+            digest = content_digest(nick, text)
+            seen = self._keys.get((room, key))
+            if seen is not None and seen[0] > time.monotonic():
+                if seen[1] != digest:
+                    raise KeyConflict(key)
+                return Published(seen[2], replicated=None, duplicate=True)
         state = self._room(room)
         if state is None:
             state = self._rooms[room] = _Room(deque(maxlen=self._size))
@@ -114,6 +128,8 @@ class MemoryBroker:
         )
         state.messages.append(msg)
         state.touched = time.monotonic()
+        if key is not None:
+            self._keys[(room, key)] = (state.touched + self._dedup_seconds, digest, msg)
         if room in self._subscribed and self._deliver is not None:
             self._deliver(msg)
         return Published(msg, replicated=None)

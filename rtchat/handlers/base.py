@@ -62,6 +62,7 @@ class ApiError(tornado.web.HTTPError):
 
 _DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                   405: "method_not_allowed", 413: "payload_too_large", 421: "misdirected_request",
+                  422: "unprocessable",
                   429: "rate_limited", 503: "unavailable"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 CORS_METHODS = "GET, POST, OPTIONS"

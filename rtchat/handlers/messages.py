@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rtchat.broker.base import KeyConflict
 from rtchat.handlers.base import ApiHandler
-from rtchat.messages import InvalidMessage, parse_limit, validate_input
+from rtchat.messages import InvalidMessage, parse_limit, valid_key, validate_input
 from rtchat.ratelimit import RateLimiter
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -32,21 +33,42 @@ class MessagesHandler(RoomApiHandler):
         if len(self.request.body) > limits.max_body_bytes:
             raise self.reject(413, "body_too_large",
                               f"request body is larger than {limits.max_body_bytes} bytes")
-        nick, text = self._fields()
+        nick, text, body_key = self._fields()
+        key = self._idempotency_key(body_key)
         try:
             nick, text = validate_input(nick, text, limits.max_nick_chars, limits.max_message_bytes)
         except InvalidMessage as e:
             raise self.reject(e.status, e.code, str(e)) from None
-        published = await self.ctx.hub.publish(room, nick, text)  # BrokerUnavailable: 503
+        try:
+            published = await self.ctx.hub.publish(room, nick, text, key)  # BrokerUnavailable: 503
+        except KeyConflict:
+            raise self.reject(422, "idempotency_key_reused",
+                              "this Idempotency-Key was already used in this room for another "
+                              "message") from None
         body: dict[str, Any] = {"id": published.message.id}
         if published.replicated is not None:
             body["replicated"] = published.replicated
+        if published.duplicate:
+            body["duplicate"] = True  # the first answer again: nothing was stored twice
         self.write_json(body, status=201)
 
-    def _fields(self) -> tuple[Any, Any]:
+    def _idempotency_key(self, body_key: Any) -> str | None:
+        """The send's key: the ``Idempotency-Key`` header, else ``key`` in the body."""
+        key = self.request.headers.get("Idempotency-Key")
+        if key is None:
+            key = body_key
+        if key is None or key == "":
+            return None
+        if not isinstance(key, str) or not valid_key(key):
+            raise self.reject(400, "bad_idempotency_key",
+                              "Idempotency-Key must be 1-64 of A-Z a-z 0-9 _ -")
+        return key
+
+    def _fields(self) -> tuple[Any, Any, Any]:
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype in FORM_TYPES:
-            return self.get_body_argument("nick", None), self.get_body_argument("text", None)
+            arg = self.get_body_argument
+            return arg("nick", None), arg("text", None), arg("key", None, strip=False)
         if ctype not in ("", "application/json", "text/plain"):
             raise self.reject(415, "unsupported_media_type",
                               "send JSON {\"nick\", \"text\"} or a form")
@@ -57,7 +79,7 @@ class MessagesHandler(RoomApiHandler):
             raise self.reject(400, "bad_json", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise self.reject(400, "bad_json", "the body must be a JSON object")
-        return data.get("nick"), data.get("text")
+        return data.get("nick"), data.get("text"), data.get("key")
 
     async def get(self, room: str) -> None:
         self.check_room(room)

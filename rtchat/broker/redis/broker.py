@@ -78,7 +78,7 @@ class RedisBroker:
         self._checks = 0
         self._history = History(self.keys)
         self._publisher = Publisher(self.keys, cfg.history.size, cfg.history.ttl_seconds,
-                                    self.rc.replica_ack_timeout_ms)
+                                    self.rc.replica_ack_timeout_ms, cfg.history.dedup_seconds)
         self._cluster = ClusterState(self.keys, max(3, math.ceil(3 * interval)),
                                      self._check_timeout)
         self._delivery = Delivery()
@@ -160,7 +160,7 @@ class RedisBroker:
 
     # -- publishing and history ------------------------------------------------------
 
-    async def publish(self, room: str, nick: str, text: str) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
         """Store and announce one message on the master. ``replicated`` is None without
         replicas (or with ``replica_ack_timeout_ms: 0``); see ``Topology.acks_to_wait``."""
         if not self._started or self._closed:
@@ -173,7 +173,7 @@ class RedisBroker:
         if self._publisher.wait_ms > 0:
             wait = self._topology.acks_to_wait(all_online=self._sentinel is not None)
         try:
-            return await self._publisher.publish(master, room, nick, text, wait)
+            return await self._publisher.publish(master, room, nick, text, wait, key)
         except BrokerUnavailable as e:
             if isinstance(e, MasterReadOnly):
                 self._topology.dirty = True  # the master was demoted: ask Sentinel now

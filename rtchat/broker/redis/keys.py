@@ -7,6 +7,7 @@ All names start with ``redis.key_prefix``:
 * ``<prefix>probe:<node>``    a node's private delivery-probe channel
 * ``<prefix>node:<node>``     a node's heartbeat (TTL'd JSON)
 * ``<prefix>presence:<room>`` per-room presence hash (field = node id)
+* ``<prefix>idem:<room>:<key>`` an idempotency key's first answer (TTL'd hash)
 
 Pure: no I/O, no redis import.
 """
@@ -55,3 +56,6 @@ class Keys:
 
     def presence(self, room: str) -> str:
         return f"{self.prefix}presence:{room}"
+
+    def idempotency(self, room: str, key: str) -> str:
+        return f"{self.prefix}idem:{room}:{key}"
