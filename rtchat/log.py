@@ -34,3 +34,6 @@ def setup(level: str, fmt: str) -> None:
     # One line per request is noise for long-lived streams; errors still show.
     if level != "debug":
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
+        # Tornado notes every malformed or oversized request head at INFO: a line per
+        # hostile request, which a client could send as fast as it likes.
+        logging.getLogger("tornado.general").setLevel(logging.WARNING)

@@ -6,8 +6,11 @@ Tornado's ``HTTPServer`` does the HTTP; this subclass holds the door:
   body within ``http.body_timeout_seconds``, else 408 and close; a
   keep-alive connection idle for ``http.idle_timeout_seconds`` is closed;
 - a declared ``Content-Length`` over ``limits.max_body_bytes`` is answered
-  413 before any of the body is read; a head over ``http.max_header_bytes``
-  gets 431 with a status line, not a silent drop;
+  413 before any of the body is read (a chunked body, once it passes the
+  limit); a head over ``http.max_header_bytes`` gets 431 with a status line,
+  not a silent drop;
+- an answer the client does not read (no write progress for
+  ``sse.write_timeout_seconds``) ends its connection;
 - at most ``limits.max_connections_per_address`` connections per TCP peer
   (trusted proxies are exempt: they carry many clients);
 - out of file descriptors, accepting pauses and backs off, one log line per
@@ -20,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import socket
 import time
 from collections import Counter
@@ -39,6 +43,8 @@ SWEEP_INTERVAL = 0.25  # seconds between checks of connections waiting for a hea
 ACCEPT_BACKOFF = (0.05, 1.0)  # first and longest pause of accept when out of descriptors
 FD_LOG_INTERVAL = 5.0  # at most one "out of file descriptors" line this often
 _FD_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_LENGTH = re.compile(r"[0-9]{1,18}", re.ASCII)
+STALL_CHECK_INTERVAL = 1.0  # seconds between looks at answers in flight
 _ACCEPT_BATCH = 128
 
 
@@ -79,7 +85,7 @@ class ServerState:
 class _Conn:
     """One client connection's place in the request cycle, for the sweeper."""
 
-    __slots__ = ("first", "peer", "phase", "since", "stream")
+    __slots__ = ("first", "peer", "phase", "progress", "progress_at", "since", "stream")
 
     def __init__(self, stream: IOStream, peer: str) -> None:
         self.stream = stream
@@ -87,6 +93,8 @@ class _Conn:
         self.phase = "head"  # head | idle | body | busy
         self.since = time.monotonic()
         self.first = True
+        self.progress = 0  # bytes the socket had taken at progress_at
+        self.progress_at = self.since
 
 
 class _GuardedStream(IOStream):
@@ -116,20 +124,19 @@ class _Guard(httputil.HTTPMessageDelegate):
         self.conn = conn
         self.request_conn = request_conn
         self.delegate = delegate
+        self.received = 0
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
         conn = self.conn
         length = headers.get("Content-Length", "").strip()
         limit = self.server.cfg.limits.max_body_bytes
-        if length and (not length.isdigit() or int(length) > limit):
+        valid = _LENGTH.fullmatch(length) is not None
+        if length and (not valid or int(length) > limit):
             # Answer now: the client may be about to send megabytes, or nothing at all.
             stream = self.request_conn.detach()  # type: ignore[attr-defined]
             self.server.forget(conn)
-            status, reason, code, message = (
-                (413, "Payload Too Large", "body_too_large",
-                 f"request body is larger than {limit} bytes") if length.isdigit()
-                else (400, "Bad Request", "bad_content_length", "Content-Length is not a number"))
-            _send(stream.socket, raw_response(status, reason, code, message))
+            _send(stream.socket, self._too_large(limit) if valid else raw_response(
+                400, "Bad Request", "bad_content_length", "Content-Length is not a number"))
             stream.close()
             return None
         if length not in ("", "0") or "chunked" in headers.get("Transfer-Encoding", "").lower():
@@ -138,7 +145,20 @@ class _Guard(httputil.HTTPMessageDelegate):
             self.server.set_phase(conn, "busy")
         return self.delegate.headers_received(start_line, headers)
 
+    @staticmethod
+    def _too_large(limit: int) -> bytes:
+        return raw_response(413, "Payload Too Large", "body_too_large",
+                            f"request body is larger than {limit} bytes")
+
     def data_received(self, chunk: bytes) -> Any:
+        self.received += len(chunk)
+        limit = self.server.cfg.limits.max_body_bytes
+        if self.received > limit:  # a chunked body (a declared length was judged already)
+            stream = self.conn.stream
+            self.server.forget(self.conn)
+            _send(stream.socket, self._too_large(limit))
+            stream.close()  # tornado's next read finds it closed and ends the request quietly
+            return None
         return self.delegate.data_received(chunk)
 
     def finish(self) -> None:
@@ -159,7 +179,9 @@ class GuardedHTTPServer(HTTPServer):
             app,
             xheaders=False,  # the handlers judge forwarded headers themselves (rtchat.proxies)
             max_header_size=http.max_header_bytes,
-            max_body_size=cfg.limits.max_body_bytes,
+            # The guard answers 413 at limits.max_body_bytes, declared or chunked; this
+            # only keeps tornado from refusing a large chunk with a 400 first.
+            max_body_size=1 << 40,
             # Backstops only: the sweeper below enforces the real limits, with a status line.
             idle_connection_timeout=http.idle_timeout_seconds + http.header_timeout_seconds + 5,
             body_timeout=http.body_timeout_seconds + 5,
@@ -172,6 +194,7 @@ class GuardedHTTPServer(HTTPServer):
         self._waiting: dict[_Conn, None] = {}  # connections in the head, idle or body phase
         self._conns: dict[IOStream, _Conn] = {}
         self._sweeper: Any = None
+        self._next_stall_check = 0.0
         self._fd_last_log = 0.0
         self._fd_paused = 0
 
@@ -317,8 +340,23 @@ class GuardedHTTPServer(HTTPServer):
                 self._close(conn, "the request head did not arrive in time")
             elif conn.phase == "body" and waited > http.body_timeout_seconds:
                 self._close(conn, "the request body did not arrive in time")
+        if now >= self._next_stall_check:
+            self._next_stall_check = now + STALL_CHECK_INTERVAL
+            self._close_stalled(now)
         self._sweeper = IOLoop.current().asyncio_loop.call_later(  # type: ignore[attr-defined]
             SWEEP_INTERVAL, self._sweep)
+
+    def _close_stalled(self, now: float) -> None:
+        """End connections whose answer the client has taken nothing of for the write
+        timeout (an event stream's own check usually comes first)."""
+        timeout = self.cfg.sse.write_timeout_seconds
+        for conn in list(self._conns.values()):
+            stream = conn.stream
+            done = stream._total_write_done_index
+            if done != conn.progress or not stream.writing():
+                conn.progress, conn.progress_at = done, now
+            elif now - conn.progress_at > timeout:
+                self._close(conn, None)
 
     def _close(self, conn: _Conn, timeout_message: str | None) -> None:
         self.forget(conn)

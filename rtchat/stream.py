@@ -35,7 +35,7 @@ class Stream:
     """
 
     __slots__ = (
-        "_closed_waiter", "_dirty", "_inflight", "_key_skip", "_on_ready", "_queue",
+        "_closed_waiter", "_dirty", "_inflight", "_key_skip", "_on_ready", "_progress", "_queue",
         "_queued_bytes", "_sink", "_writing", "abort", "close_reason", "closed", "connected_at",
         "head", "id", "last_event_id", "max_bytes", "max_queue", "nick", "presence_count", "remote",
         "room", "user_agent", "write_started",
@@ -62,7 +62,8 @@ class Stream:
         self._queue: deque[tuple[bytes, str | None]] = deque()
         self._queued_bytes = 0
         self._inflight = 0  # bytes handed to the sink and not yet written out
-        self.write_started = 0.0  # monotonic time of the write in flight (0.0: none)
+        self.write_started = 0.0  # when the write in flight last made progress (0.0: none)
+        self._progress = -1  # the sink's progress marker when last looked at
         self._key_skip: tuple[int, int] | None = None
         self._sink: Sink | None = None
         self._writing = False
@@ -151,8 +152,21 @@ class Stream:
             self.close("client_gone")
 
     def stalled(self, now: float, timeout: float) -> bool:
-        """Whether a write has been in flight (the socket taking nothing) for over ``timeout``."""
-        return self._writing and now - self.write_started > timeout
+        """Whether the socket has taken nothing of the write in flight for over ``timeout``.
+
+        A sink with a ``progress()`` marker (bytes written so far) shows a slow reader
+        that is still reading; without one, the write's age is all there is to go by.
+        """
+        if not self._writing:
+            return False
+        progress = getattr(self._sink, "progress", None)
+        if progress is not None:
+            marker = progress()
+            if marker != self._progress:
+                self._progress = marker
+                self.write_started = now
+                return False
+        return now - self.write_started > timeout
 
     def _written(self, written: asyncio.Future[None]) -> None:
         self._writing = False

@@ -58,6 +58,10 @@ class SocketSink:
             data = data[sent:]
         return iostream.write(data)
 
+    def progress(self) -> int:
+        """Bytes the socket has taken so far (the stream's stall check watches it move)."""
+        return self.iostream._total_write_done_index
+
 
 # A catch-up is written in pieces of about this size, each waited for, so a resuming
 # client costs the node one piece of buffer however much it missed.

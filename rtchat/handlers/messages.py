@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tornado.iostream import StreamClosedError
+
 from rtchat.broker.base import KeyConflict
 from rtchat.handlers.base import ApiHandler
-from rtchat.messages import InvalidMessage, parse_limit, valid_key, validate_input
+from rtchat.messages import InvalidMessage, Message, parse_limit, valid_key, validate_input
 from rtchat.ratelimit import RateLimiter
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+HISTORY_PIECE = 64 * 1024  # characters of a history answer written before waiting for the socket
 
 
 class RoomApiHandler(ApiHandler):
@@ -91,7 +94,26 @@ class MessagesHandler(RoomApiHandler):
                                                 "are kept)")
         limit = min(limit, size)  # asking for more than is kept gets what is kept
         history = await self.ctx.hub.history(room, limit)
-        self.write_json({"messages": [m.public_dict() for m in history]})
+        await self._write_messages(history)
+
+    async def _write_messages(self, history: list[Message]) -> None:
+        """``{"messages": [...]}``, written in pieces that each wait for the socket, so a
+        client that does not read holds one piece of the node's memory, not the answer."""
+        pieces = ['{"messages": [']
+        pending = len(pieces[0])
+        for i, msg in enumerate(history):
+            item = json.dumps(msg.public_dict(), ensure_ascii=False)
+            pieces.append(item if i == 0 else ", " + item)
+            pending += len(item) + 2
+            if pending >= HISTORY_PIECE:
+                self.write("".join(pieces))
+                pieces, pending = [], 0
+                try:
+                    await self.flush()
+                except StreamClosedError:
+                    return  # the client went (or the node gave up on a reader that stalled)
+        pieces.append("]}")
+        self.finish("".join(pieces))
 
 
 class PresenceHandler(RoomApiHandler):
