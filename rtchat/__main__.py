@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -28,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "check-config":
         return check_config(args[1:])
+    if args and args[0] == "token":
+        return token(args[1:])
     if args and args[0] == "hash-password":
         return hash_password(args[1:])
     if args and args[0] == "bench":
@@ -37,6 +40,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
+def _load_checked(path: str | None, overrides: dict[str, object] | None = None
+                  ) -> config_mod.Config:
+    """The config, with what only a built part can check (the auth keys) checked too."""
+    from rtchat.identity import Authenticator
+
+    cfg = config_mod.load(path, os.environ, overrides)
+    Authenticator(cfg.auth)
+    return cfg
+
+
+def token(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rtchat token",
+        description="Print a token signed with the configured HS secret (auth.jwt.secret), "
+                    "for development and tests. Only the token goes to stdout.")
+    parser.add_argument("--config", help="YAML config file (default: $RTCHAT_CONFIG)")
+    parser.add_argument("--sub", required=True, help="the user id")
+    parser.add_argument("--name", help="the display name (default: the user id)")
+    parser.add_argument("--rooms", help="comma-separated room-name globs allowed (default: all)")
+    parser.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 7d (default 1h)")
+    parser.add_argument("--admin", action="store_true", help="may use the admin API")
+    ns = parser.parse_args(args)
+    ttl = _duration(ns.ttl)
+    if ttl is None:
+        print(f"rtchat token: --ttl {ns.ttl!r}: give a number with s, m, h or d", file=sys.stderr)
+        return EXIT_USAGE
+    from rtchat.identity import Authenticator
+
+    try:
+        cfg = config_mod.load(ns.config or os.environ.get(config_mod.CONFIG_ENV), os.environ)
+        auth = Authenticator(cfg.auth if cfg.auth.mode == "jwt"
+                             else dataclasses.replace(cfg.auth, mode="jwt"))
+        rooms = [r.strip() for r in ns.rooms.split(",") if r.strip()] if ns.rooms else None
+        print(auth.mint(ns.sub, ns.name, rooms, ttl, admin=ns.admin))
+    except config_mod.ConfigError as e:
+        print(f"rtchat: invalid config: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _duration(text: str) -> float | None:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def check_config(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="rtchat check-config",
@@ -44,7 +98,7 @@ def check_config(args: list[str]) -> int:
     parser.add_argument("path", help="YAML config file")
     ns = parser.parse_args(args)
     try:
-        cfg = config_mod.load(ns.path, os.environ)
+        cfg = _load_checked(ns.path)
     except config_mod.ConfigError as e:
         print(f"rtchat: invalid config: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -93,7 +147,7 @@ def run(args: list[str]) -> int:
         overrides["http.port"] = ns.port
     path = ns.config or os.environ.get(config_mod.CONFIG_ENV) or None
     try:
-        cfg = config_mod.load(path, os.environ, overrides)
+        cfg = _load_checked(path, overrides)
     except config_mod.ConfigError as e:
         print(f"rtchat: invalid config: {e}", file=sys.stderr)
         return EXIT_USAGE

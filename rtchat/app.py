@@ -16,6 +16,7 @@ from rtchat.handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from rtchat.handlers.messages import MessagesHandler, PresenceHandler
 from rtchat.handlers.pages import ChatPageHandler
 from rtchat.hub import Hub
+from rtchat.identity import Authenticator
 from rtchat.metrics import Metrics
 from rtchat.proxies import ProxyTrust
 from rtchat.ratelimit import RateLimiter
@@ -53,6 +54,7 @@ def make_app(cfg: Config, hub: Hub, metrics: Metrics,
         read_limiter=RateLimiter(limits.read_rate.requests_per_second, limits.read_rate.burst),
         version=__version__,
         trust=ProxyTrust.from_config(cfg.http.xheaders, cfg.http.trusted_proxies),
+        auth=Authenticator(cfg.auth),
         server=server or ServerState(),
     )
     args = {"ctx": ctx}

@@ -132,6 +132,30 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class JwtConfig:
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str | None = None
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class HeaderAuthConfig:
+    user: str = "X-Forwarded-User"
+    name: str = "X-Forwarded-Preferred-Username"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: Literal["anonymous", "jwt", "header"] = "anonymous"
+    jwt: JwtConfig = field(default_factory=JwtConfig)
+    header: HeaderAuthConfig = field(default_factory=HeaderAuthConfig)
+
+
+@dataclass(frozen=True)
 class ShutdownConfig:
     drain_seconds: float = 10.0
 
@@ -151,6 +175,7 @@ class Config:
     sse: SseConfig = field(default_factory=SseConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -218,9 +243,20 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
                             "must be a hash made by 'rtchat hash-password' (scrypt$...)"),
     "admin.username": (lambda v: v != "" and ":" not in v, "must be non-empty without ':'"),
     "shutdown.drain_seconds": _NON_NEGATIVE,
+    "auth.jwt.algorithms": (
+        lambda v: len(v) > 0 and (set(v) <= {"HS256", "HS384", "HS512"} or set(v) <= {
+            "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA"}),
+        "must list HS256/384/512, or RS256/384/512, ES256/384/512, EdDSA: one family, never "
+        "both (a key read both ways lets an HS token pass as signed by the public key)"),
+    "auth.jwt.leeway_seconds": _NON_NEGATIVE,
+    "auth.header.user": (lambda v: re.fullmatch(r"[A-Za-z0-9-]+", v) is not None,
+                         "must be a header name"),
+    "auth.header.name": (lambda v: re.fullmatch(r"[A-Za-z0-9-]+", v) is not None,
+                         "must be a header name"),
 }
 
-_SECRETS = {"admin.password", "admin.password_hash", "broker.redis.sentinel.password"}
+_SECRETS = {"admin.password", "admin.password_hash", "broker.redis.sentinel.password",
+            "auth.jwt.secret"}
 
 
 def _is_network(value: str) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtchat import sse
-from rtchat.broker.base import Broker, Presence, Published
+from rtchat.broker.base import Ban, Broker, Presence, Published
 from rtchat.config import Config
 from rtchat.messages import Message
 from rtchat.metrics import Metrics
@@ -140,9 +140,43 @@ class Hub:
         stream.close("admin_disconnect")
         return True
 
+    def kick(self, client_id: str, reason: str) -> bool:
+        """End one stream with ``event: kicked`` (the client should not come back by itself)."""
+        stream = self._streams.get(client_id)
+        if stream is None:
+            return False
+        stream.end_after(sse.json_event("kicked", {"reason": reason}), "kicked")
+        return True
+
+    async def ban(self, ban: Ban) -> int:
+        """Bar a user cluster-wide (BrokerUnavailable when it cannot be stored); returns how
+        many of their streams here were kicked. Other nodes kick theirs within a second."""
+        await self.broker.ban(ban)
+        return self._kick_banned()
+
+    async def unban(self, user: str) -> bool:
+        return await self.broker.unban(user)
+
+    def banned(self, user: str) -> Ban | None:
+        return self.broker.banned(user)
+
+    def bans(self) -> list[Ban]:
+        return self.broker.bans()
+
+    def _kick_banned(self) -> int:
+        kicked = 0
+        for stream in tuple(self._streams.values()):
+            ban = self.broker.banned(stream.user)
+            if ban is not None and not stream.closed:
+                stream.end_after(sse.json_event("kicked", {"reason": ban.reason or "banned"}),
+                                 "banned")
+                kicked += 1
+        return kicked
+
     @contextlib.asynccontextmanager
     async def connect(self, room: str, nick: str, remote: str, user_agent: str,
-                      last_event_id: str = "") -> AsyncIterator[Stream]:
+                      last_event_id: str = "", user: str = "",
+                      expires: float | None = None) -> AsyncIterator[Stream]:
         """Register a stream in ``room``; live messages queue from the moment this enters.
 
         With ``last_event_id`` the stream's ``head`` holds the frames the client
@@ -152,6 +186,10 @@ class Hub:
         """
         stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready,
                         max_bytes=self.cfg.sse.max_buffer_bytes)
+        if user:
+            stream.user = user
+        if expires:
+            stream.expires = expires
         await self._join(stream)
         try:
             if last_event_id:
@@ -302,9 +340,10 @@ class Hub:
         self.metrics.delivered.inc(len(streams))
         self.metrics.fanout_latency.observe(max(0.0, time.time() - msg.ts))
 
-    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None,
+                      user: str = "") -> Published:
         """Store a message (KeyConflict, BrokerUnavailable: see Broker.publish)."""
-        published = await self.broker.publish(room, nick, text, key)
+        published = await self.broker.publish(room, nick, text, key, user)
         if not published.duplicate:
             self.messages_in += 1
             self.metrics.published.inc()
@@ -320,15 +359,19 @@ class Hub:
                 stream.push(sse.PING)
 
     async def _stall_loop(self) -> None:
-        """Close streams whose socket has taken nothing for ``sse.write_timeout_seconds``."""
+        """Once a second or so: close streams whose socket has taken nothing for
+        ``sse.write_timeout_seconds``, whose token expired, or whose user is banned."""
         timeout = self.cfg.sse.write_timeout_seconds
         interval = min(1.0, timeout / 4)
         while not self._closing:
             await asyncio.sleep(interval)
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             for stream in tuple(self._streams.values()):
                 if stream.stalled(now, timeout):
                     stream.close("slow_client", abort=True)
+                elif stream.expires and stream.expires <= wall:
+                    stream.close("token_expired")  # it reconnects with a new token, losing nothing
+            self._kick_banned()
 
     def _mark_presence(self, room: str) -> None:
         self._presence_dirty.add(room)

@@ -95,6 +95,7 @@ class Message:
     ts: float
     node: str
     prev: str = ""
+    user: str = ""  # the verified speaker's id (jwt/header identity); "" when anonymous
 
     @property
     def key(self) -> tuple[int, int]:
@@ -102,15 +103,15 @@ class Message:
 
     def public_json(self) -> str:
         """The JSON clients see (one line: JSON escapes newlines); ``prev`` stays internal."""
-        return json.dumps(
-            {"id": self.id, "room": self.room, "nick": self.nick, "text": self.text,
-             "ts": self.ts, "node": self.node},
-            ensure_ascii=False, separators=(",", ":"),
-        )
+        return json.dumps(self.public_dict(), ensure_ascii=False, separators=(",", ":"))
 
     def public_dict(self) -> dict[str, object]:
-        return {"id": self.id, "room": self.room, "nick": self.nick, "text": self.text,
-                "ts": self.ts, "node": self.node}
+        """``user`` appears only for a verified speaker, so anonymous messages read as ever."""
+        d: dict[str, object] = {"id": self.id, "room": self.room, "nick": self.nick,
+                                "text": self.text, "ts": self.ts, "node": self.node}
+        if self.user:
+            d["user"] = self.user
+        return d
 
 
 def validate_input(

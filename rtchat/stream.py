@@ -35,10 +35,11 @@ class Stream:
     """
 
     __slots__ = (
-        "_closed_waiter", "_dirty", "_inflight", "_key_skip", "_on_ready", "_progress", "_queue",
+        "_closed_waiter", "_dirty", "_end_when_sent", "_inflight", "_key_skip", "_on_ready",
+        "_progress", "_queue",
         "_queued_bytes", "_sink", "_writing", "abort", "close_reason", "closed", "connected_at",
-        "head", "id", "last_event_id", "max_bytes", "max_queue", "nick", "presence_count", "remote",
-        "room", "user_agent", "write_started",
+        "expires", "head", "id", "last_event_id", "max_bytes", "max_queue", "nick",
+        "presence_count", "remote", "room", "user", "user_agent", "write_started",
     )
 
     def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
@@ -53,6 +54,9 @@ class Stream:
         self.last_event_id = ""
         self.head: list[bytes] = []  # the catch-up frames, written before anything queued
         self.presence_count = -1  # the room count this client was last told
+        self.user = remote  # who a ban names: the identity's user id, else the address
+        self.expires = 0.0  # when the identity's token expires (0.0: never)
+        self._end_when_sent = ""  # close with this reason once everything queued is written
         self.max_queue = max_queue
         self.max_bytes = max_bytes
         self.closed = False
@@ -99,6 +103,15 @@ class Stream:
                 self.write_pending()
         return True
 
+    def end_after(self, frame: bytes, reason: str) -> None:
+        """Send ``frame`` (after what is queued), then close with ``reason``: a goodbye."""
+        if self.closed or self._end_when_sent:
+            return
+        self._queue.append((frame, None))
+        self._queued_bytes += len(frame)
+        self._end_when_sent = reason
+        self.write_pending()
+
     def skip_through(self, message_id: str) -> None:
         """Drop queued and future messages up to ``message_id``: the catch-up already sent them."""
         key = id_key(message_id)
@@ -134,7 +147,11 @@ class Stream:
     def write_pending(self) -> None:
         """Hand what is queued to the sink, unless a write is still in flight."""
         self._dirty = False
-        if self.closed or self._writing or not self._queue or self._sink is None:
+        if self.closed or self._writing or self._sink is None:
+            return
+        if not self._queue:
+            if self._end_when_sent:
+                self.close(self._end_when_sent)
             return
         chunk = self.take_pending()
         try:
@@ -143,7 +160,9 @@ class Stream:
             log.debug("stream %s: write failed: %s", self.id, e)
             self.close("client_gone")
             return
-        if written is not None and not written.done():
+        if written is None and self._end_when_sent:
+            self.close(self._end_when_sent)
+        elif written is not None and not written.done():
             self._writing = True
             self._inflight = len(chunk)
             self.write_started = time.monotonic()

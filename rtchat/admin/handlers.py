@@ -10,6 +10,8 @@ routes do not exist at all (404).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +28,17 @@ from rtchat.admin.access import (
 )
 from rtchat.admin.sampler import ThroughputSampler
 from rtchat.admin.status import build_status
+from rtchat.broker.base import Ban
 from rtchat.handlers.base import ApiError, ApiHandler, AppContext, BaseHandler, PageHandler
+from rtchat.identity import COOKIE, AuthError, bearer
 from rtchat.proxies import has_forwarding
 from rtchat.ratelimit import RateLimiter
 
+MAX_BAN_SECONDS = 366 * 86400
 EVENTS_INTERVAL = 1.0  # seconds between status snapshots on /admin/api/events
 EVENTS_RETRY_MS = 2000
+
+log = logging.getLogger("rtchat.admin")
 
 
 @dataclass
@@ -57,15 +64,21 @@ class AdminAccess(BaseHandler):
         self.admin.sampler.start()  # lazily, in case make_app ran before the loop did
         self.authorize()
 
+    # Who is acting: the Basic user, the token's sub, or "loopback"; every action logs it.
+    who = ""
+
     def authorize(self) -> None:
         cfg = self.ctx.cfg.admin
         client = self.client_address
+        if self._admin_token():
+            return
         if not cfg.password and not cfg.password_hash:
             # Loopback alone is not enough: a proxy on this host makes every client loopback.
             if not is_loopback(self.peer_address) or has_forwarding(self.request.headers):
                 raise self.reject(403, "admin_loopback_only",
                                   "no admin password is configured, so admin answers only to "
                                   "direct loopback clients (not through a proxy)")
+            self.who = "loopback"
             return
         # A shut-out client is refused before its credentials are even looked at.
         wait = self.admin.logins.wait(client)
@@ -79,6 +92,29 @@ class AdminAccess(BaseHandler):
             if wait > 0:
                 raise self._throttled(wait)
             raise self.reject(401, "unauthorized", "wrong admin username or password")
+        self.who = given[0]
+
+    def _admin_token(self) -> bool:
+        """A JWT with ``admin: true`` (auth.mode jwt) opens the admin API too."""
+        auth = self.ctx.auth
+        if auth.mode != "jwt":
+            return False
+        token = bearer(self.request.headers.get("Authorization")) or self.get_cookie(COOKIE)
+        if not token:
+            return False
+        try:
+            identity = auth.verify(token)
+        except AuthError as e:
+            raise self.reject(401, "unauthorized", str(e),
+                              headers={"WWW-Authenticate": 'Bearer realm="rtchat"'}) from None
+        if not identity.admin:
+            raise self.reject(403, "not_admin", "this token does not carry admin: true")
+        self.who = f"token:{identity.user}"
+        return True
+
+    def acted(self, action: str, target: str, **details: Any) -> None:
+        extra = "".join(f" {k}={v!r}" for k, v in details.items())
+        log.info("admin %s by %s from %s: %s%s", action, self.who, self.client_address, target, extra)
 
     def _throttled(self, wait: float) -> ApiError:
         return self.reject(429, "admin_login_rate_limited", "too many failed logins; try again later",
@@ -217,7 +253,77 @@ class ClientDisconnectHandler(AdminAccess, ApiHandler):
             raise self.reject(403, "forbidden_origin", "cross-origin admin actions are not allowed")
         if not self.ctx.hub.disconnect(client_id):
             raise self.reject(404, "unknown_client", f"no client {client_id!r} on this node")
+        self.acted("disconnect", client_id)
         self.write_json({"disconnected": client_id})
+
+
+class AdminActionHandler(AdminAccess, ApiHandler):
+    """The admin actions that take a JSON body; refused cross-origin like every admin action."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.request.method != "GET" and not self.origin_allowed():
+            raise self.reject(403, "forbidden_origin", "cross-origin admin actions are not allowed")
+
+    def body_json(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except (ValueError, RecursionError):
+            raise self.reject(400, "bad_json", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise self.reject(400, "bad_json", "the body must be a JSON object")
+        return data
+
+    def reason(self, data: dict[str, Any]) -> str:
+        reason = data.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > 200:
+            raise self.reject(400, "bad_reason", "'reason' must be text of at most 200 characters")
+        return reason.strip()
+
+
+class ClientKickHandler(AdminActionHandler):
+    """``POST /admin/api/clients/<id>/kick`` ``{"reason"}``: the stream ends with
+    ``event: kicked``, and the chat page does not reconnect by itself."""
+
+    def post(self, client_id: str) -> None:
+        reason = self.reason(self.body_json()) or "kicked by an admin"
+        if not self.ctx.hub.kick(client_id, reason):
+            raise self.reject(404, "unknown_client", f"no client {client_id!r} on this node")
+        self.acted("kick", client_id, reason=reason)
+        self.write_json({"kicked": client_id, "reason": reason})
+
+
+class UserBanHandler(AdminActionHandler):
+    """``POST /admin/api/users/<user>/ban`` ``{"duration_seconds", "reason"}`` bans a user id
+    (an address in anonymous mode) on every node; ``DELETE`` lifts it."""
+
+    async def post(self, user: str) -> None:
+        data = self.body_json()
+        seconds = data.get("duration_seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+                or not 0 < seconds <= MAX_BAN_SECONDS:
+            raise self.reject(400, "bad_duration",
+                              f"'duration_seconds' must be a number from 1 to {MAX_BAN_SECONDS}")
+        reason = self.reason(data)
+        ban = Ban(user=user, until=time.time() + float(seconds), reason=reason, by=self.who)
+        kicked = await self.ctx.hub.ban(ban)  # BrokerUnavailable: 503
+        self.acted("ban", user, seconds=seconds, reason=reason)
+        self.write_json({**ban.to_dict(), "kicked_here": kicked})
+
+    async def delete(self, user: str) -> None:
+        if not await self.ctx.hub.unban(user):
+            raise self.reject(404, "not_banned", f"{user!r} is not banned")
+        self.acted("unban", user)
+        self.write_json({"unbanned": user})
+
+
+class BansHandler(AdminActionHandler):
+    """``GET /admin/api/bans``: every ban in force, cluster-wide."""
+
+    def get(self) -> None:
+        self.write_json({"bans": [b.to_dict() for b in self.ctx.hub.bans()]})
 
 
 def admin_routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
@@ -230,4 +336,7 @@ def admin_routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/admin/api/status", AdminStatusHandler, args),
         (r"/admin/api/events", AdminEventsHandler, args),
         (r"/admin/api/clients/([^/]+)/disconnect", ClientDisconnectHandler, args),
+        (r"/admin/api/clients/([^/]+)/kick", ClientKickHandler, args),
+        (r"/admin/api/users/([^/]+)/ban", UserBanHandler, args),
+        (r"/admin/api/bans", BansHandler, args),
     ]

@@ -54,9 +54,22 @@ class Published:
     duplicate: bool = False
 
 
-def content_digest(nick: str, text: str) -> str:
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A user id (an address in anonymous mode) barred from sending and streaming until ``until``."""
+
+    user: str
+    until: float
+    reason: str = ""
+    by: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user": self.user, "until": self.until, "reason": self.reason, "by": self.by}
+
+
+def content_digest(nick: str, text: str, user: str = "") -> str:
     """What an idempotency key is bound to: the same key must carry the same message."""
-    return hashlib.sha256(f"{nick}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(f"{user}\0{nick}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +176,8 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop background work and close connections. Safe to call twice."""
 
-    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None,
+                      user: str = "") -> Published:
         """Store a message (and announce it); returns only once it is in history.
 
         With ``key`` (an idempotency key), a second send with the same key in the
@@ -193,6 +207,18 @@ class Broker(Protocol):
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         """Every live node's last heartbeat (``node_stats()`` plus ``last_seen``)."""
+
+    async def ban(self, ban: Ban) -> None:
+        """Bar ``ban.user`` on every node until ``ban.until`` (BrokerUnavailable when it cannot)."""
+
+    async def unban(self, user: str) -> bool:
+        """Lift a ban; False when there was none."""
+
+    def banned(self, user: str) -> Ban | None:
+        """The ban on ``user`` as this node last saw it (never waits: sends check it)."""
+
+    def bans(self) -> list[Ban]:
+        """Every ban in force, as this node last saw them."""
 
     def readiness(self) -> list[str]:
         """Reasons this node cannot publish or receive now; empty when ready."""

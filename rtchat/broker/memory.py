@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtchat.broker.base import (
+    Ban,
     BrokerStatus,
     Deliver,
     KeyConflict,
@@ -58,6 +59,7 @@ class MemoryBroker:
         self._node_stats: NodeStats | None = None
         self._next_sweep = time.monotonic() + self._sweep_interval()
         self._sweeper: asyncio.Task[None] | None = None
+        self._bans: dict[str, Ban] = {}
 
     def _sweep_interval(self) -> float:
         return min(60.0, max(0.5, min(self._ttl, self._dedup_seconds) / 4))
@@ -104,10 +106,11 @@ class MemoryBroker:
             state.messages.clear()
         return state
 
-    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None,
+                      user: str = "") -> Published:
         digest = ""
         if key is not None:
-            digest = content_digest(nick, text)
+            digest = content_digest(nick, text, user)
             seen = self._keys.get((room, key))
             if seen is not None and seen[0] > time.monotonic():
                 if seen[1] != digest:
@@ -124,7 +127,7 @@ class MemoryBroker:
         prev = state.messages[-1].id if state.messages else ""
         msg = Message(
             id=f"{state.last_ms}-{state.last_seq}", room=room, nick=nick, text=text,
-            ts=time.time(), node=self._node_id, prev=prev,
+            ts=time.time(), node=self._node_id, prev=prev, user=user,
         )
         state.messages.append(msg)
         state.touched = time.monotonic()
@@ -166,6 +169,24 @@ class MemoryBroker:
     async def presence(self, room: str) -> Presence:
         nicks = self._presence.get(room, {})
         return Presence(count=sum(nicks.values()), nicks=sorted(n for n in nicks if n))
+
+    async def ban(self, ban: Ban) -> None:
+        self._bans[ban.user] = ban
+
+    async def unban(self, user: str) -> bool:
+        return self._bans.pop(user, None) is not None
+
+    def banned(self, user: str) -> Ban | None:
+        ban = self._bans.get(user)
+        if ban is not None and ban.until <= time.time():
+            del self._bans[user]
+            return None
+        return ban
+
+    def bans(self) -> list[Ban]:
+        now = time.time()
+        self._bans = {u: b for u, b in self._bans.items() if b.until > now}
+        return sorted(self._bans.values(), key=lambda b: b.until)
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         stats = dict(self._node_stats()) if self._node_stats else {}

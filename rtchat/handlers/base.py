@@ -24,6 +24,7 @@ import tornado.web
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.config import Config
 from rtchat.hub import Hub
+from rtchat.identity import COOKIE, Authenticator, AuthError, Identity
 from rtchat.messages import valid_room
 from rtchat.metrics import Metrics
 from rtchat.proxies import ProxyTrust, has_forwarding
@@ -45,19 +46,22 @@ class AppContext:
     read_limiter: RateLimiter
     version: str
     trust: ProxyTrust
+    auth: Authenticator
     server: ServerState = field(default_factory=ServerState)
     # Told once: requests arrive through a proxy whose forwarded addresses are not believed.
     warned_untrusted_proxy: bool = False
 
 
 class ApiError(tornado.web.HTTPError):
-    """An API refusal with a machine-readable ``code`` and optional ``Retry-After``."""
+    """An API refusal with a machine-readable ``code``, optional ``Retry-After`` and headers."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(status, log_message=None, reason=None)
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.headers = headers or {}
 
 
 _DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -88,6 +92,8 @@ def origin_key(origin: str) -> tuple[str, str, int] | None:
 class BaseHandler(tornado.web.RequestHandler):
     ctx: AppContext
     _client: str | None = None
+    _identity: Identity | None = None
+    _identified = False
     # Who may frame this handler's pages; None = ``http.frame_ancestors``.
     frame_ancestors: str | None = None
     # Origins in http.allowed_origins may call this handler from a browser (CORS).
@@ -148,10 +154,37 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_header("Access-Control-Allow-Credentials", "true")
             self.set_header("Access-Control-Expose-Headers", "Retry-After")
 
-    def reject(self, status: int, code: str, message: str, retry_after: int | None = None) -> ApiError:
+    def reject(self, status: int, code: str, message: str, retry_after: int | None = None,
+               headers: dict[str, str] | None = None) -> ApiError:
         """Count a refusal by reason and build the error to raise."""
         self.ctx.metrics.rejected.labels(reason=code).inc()
-        return ApiError(status, code, message, retry_after)
+        return ApiError(status, code, message, retry_after, headers)
+
+    @property
+    def identity(self) -> Identity | None:
+        """Who is speaking (``auth.mode``); None when anonymous. Raises 401 when required
+        and missing or invalid."""
+        if not self._identified:
+            try:
+                self._identity = self.ctx.auth.identify(
+                    self.request.headers, self.get_cookie(COOKIE),
+                    self.get_query_argument("token", None), self.ctx.trust.trusts(self.peer_address))
+            except AuthError as e:
+                raise self.reject(401, "unauthorized", str(e),
+                                  headers={"WWW-Authenticate": 'Bearer realm="rtchat"'}) from None
+            self._identified = True
+        return self._identity
+
+    def authorize_room(self, room: str) -> Identity | None:
+        """The speaker in ``room``: 401 without a required identity, 403 for a room the
+        token does not allow or a banned user (an address in anonymous mode)."""
+        identity = self.identity
+        if identity is not None and not identity.may_enter(room):
+            raise self.reject(403, "room_forbidden", f"you may not enter room {room!r}")
+        ban = self.ctx.hub.banned(identity.user if identity is not None else self.client_address)
+        if ban is not None:
+            raise self.reject(403, "banned", f"banned: {ban.reason}" if ban.reason else "banned")
+        return identity
 
     def take_read_token(self) -> None:
         """Reads (history, presence, stream opens) have their own per-client token bucket."""
@@ -213,6 +246,8 @@ class PageHandler(BaseHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
             message = exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         try:
             self.render_page("error.html", status=status_code, message=message)
         except Exception:  # a broken template must not hide the original error
@@ -263,6 +298,8 @@ class ApiHandler(BaseHandler):
             code, message = exc.code, exc.message
             if exc.retry_after is not None:
                 self.set_header("Retry-After", str(exc.retry_after))
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         elif status_code >= 500:
             code, message = "internal_error", "the server could not handle this request"
         self.clear_header("Content-Type")

@@ -96,6 +96,9 @@ class EventStreamHandler(ApiHandler):
             return await self._elsewhere("draining", "this node is shutting down", 1)
         if hub.client_count >= cfg.limits.max_clients:
             return await self._elsewhere("too_many_clients", "this node is full", 5)
+        speaker = self.authorize_room(room)
+        if speaker is not None:
+            nick = speaker.name
         if hub.streams_from(self.client_address) >= cfg.limits.max_streams_per_address:
             raise self.reject(429, "too_many_streams",
                               f"at most {cfg.limits.max_streams_per_address} streams per address",
@@ -103,7 +106,10 @@ class EventStreamHandler(ApiHandler):
 
         try:
             async with hub.connect(room, nick, self.client_address,
-                                   self.request.headers.get("User-Agent", ""), last_id) as stream:
+                                   self.request.headers.get("User-Agent", ""), last_id,
+                                   user=speaker.user if speaker is not None else "",
+                                   expires=speaker.expires if speaker is not None else None,
+                                   ) as stream:
                 self.stream = stream
                 stream.abort = self._abort
                 self._start_stream()

@@ -28,6 +28,7 @@ class MessagesHandler(RoomApiHandler):
         limits = self.ctx.cfg.limits
         if not self.origin_allowed():
             raise self.reject(403, "forbidden_origin", "cross-origin sends are not allowed")
+        speaker = self.authorize_room(room)
         # The token first: parsing is work, and a flood must not get it for free.
         wait = self.ctx.send_limiter.take(self.client_address)
         if wait > 0:
@@ -38,12 +39,19 @@ class MessagesHandler(RoomApiHandler):
                               f"request body is larger than {limits.max_body_bytes} bytes")
         nick, text, body_key = self._fields()
         key = self._idempotency_key(body_key)
+        if speaker is not None:
+            nick = speaker.name  # who the token (or the proxy) says, never what the body says
         try:
             nick, text = validate_input(nick, text, limits.max_nick_chars, limits.max_message_bytes)
         except InvalidMessage as e:
-            raise self.reject(e.status, e.code, str(e)) from None
+            if speaker is not None and e.code == "bad_nick":
+                nick, text = validate_input(speaker.user, text, limits.max_nick_chars,
+                                            limits.max_message_bytes)
+            else:
+                raise self.reject(e.status, e.code, str(e)) from None
+        user = speaker.user if speaker is not None else ""
         try:
-            published = await self.ctx.hub.publish(room, nick, text, key)  # BrokerUnavailable: 503
+            published = await self.ctx.hub.publish(room, nick, text, key, user)  # 503 if down
         except KeyConflict:
             raise self.reject(422, "idempotency_key_reused",
                               "this Idempotency-Key was already used in this room for another "
@@ -87,6 +95,7 @@ class MessagesHandler(RoomApiHandler):
     async def get(self, room: str) -> None:
         self.check_room(room)
         self.take_read_token()
+        self.authorize_room(room)
         size = self.ctx.cfg.history.size
         limit = parse_limit(self.get_query_argument("limit", "50", strip=False))
         if limit is None or limit < 1:
@@ -120,6 +129,7 @@ class PresenceHandler(RoomApiHandler):
     async def get(self, room: str) -> None:
         self.check_room(room)
         self.take_read_token()
+        self.authorize_room(room)
         presence = await self.ctx.hub.presence(room)
         self.write_json({"room": room, "count": presence.count,
                          "nicks": [n for n in presence.nicks if n]})

@@ -15,6 +15,7 @@ class ChatPageHandler(PageHandler):
     async def get(self, room: str = "lobby") -> None:
         if not valid_room(room):
             raise tornado.web.HTTPError(404)
+        speaker = self.authorize_room(room)  # 401/403 pages in the jwt and header modes
         try:
             history = await self.ctx.hub.history(room, PAGE_HISTORY)
         except BrokerUnavailable:
@@ -28,4 +29,6 @@ class ChatPageHandler(PageHandler):
             last_id=history[-1].id if history else FROM_START,
             max_message_bytes=self.ctx.cfg.limits.max_message_bytes,
             max_nick_chars=self.ctx.cfg.limits.max_nick_chars,
+            # Who the page speaks as when identity is on (the nick box then shows this instead).
+            me={"user": speaker.user, "name": speaker.name} if speaker is not None else None,
         )

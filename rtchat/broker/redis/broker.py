@@ -29,6 +29,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from rtchat.broker.base import (
+    Ban,
     BrokerStatus,
     BrokerUnavailable,
     Deliver,
@@ -38,6 +39,7 @@ from rtchat.broker.base import (
     Published,
     Replay,
 )
+from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.cluster import ClusterState
 from rtchat.broker.redis.delivery import Delivery, RoomState
 from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text
@@ -79,6 +81,7 @@ class RedisBroker:
         self._history = History(self.keys)
         self._publisher = Publisher(self.keys, cfg.history.size, cfg.history.ttl_seconds,
                                     self.rc.replica_ack_timeout_ms, cfg.history.dedup_seconds)
+        self._bans = BanList(self.keys)
         self._cluster = ClusterState(self.keys, max(3, math.ceil(3 * interval)),
                                      self._check_timeout)
         self._delivery = Delivery()
@@ -160,7 +163,8 @@ class RedisBroker:
 
     # -- publishing and history ------------------------------------------------------
 
-    async def publish(self, room: str, nick: str, text: str, key: str | None = None) -> Published:
+    async def publish(self, room: str, nick: str, text: str, key: str | None = None,
+                      user: str = "") -> Published:
         """Store and announce one message on the master. ``replicated`` is None without
         replicas (or with ``replica_ack_timeout_ms: 0``); see ``Topology.acks_to_wait``."""
         if not self._started or self._closed:
@@ -173,7 +177,7 @@ class RedisBroker:
         if self._publisher.wait_ms > 0:
             wait = self._topology.acks_to_wait(all_online=self._sentinel is not None)
         try:
-            return await self._publisher.publish(master, room, nick, text, wait, key)
+            return await self._publisher.publish(master, room, nick, text, wait, key, user)
         except BrokerUnavailable as e:
             if isinstance(e, MasterReadOnly):
                 self._topology.dirty = True  # the master was demoted: ask Sentinel now
@@ -422,20 +426,9 @@ class RedisBroker:
         return True
 
     async def _send_probe(self) -> None:
-        sub = self._sub
-        master = self._topology.master
-        if sub is None or not sub.can_probe or master is None:
-            return
-        if not master.reachable:
-            return
-        sent = time.monotonic()
-        try:
-            await asyncio.wait_for(master.client.publish(self.keys.probe_channel, repr(sent)),
-                                   self._check_timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            master.note_failure(e)
-            return
-        sub.probe_sent(sent)
+        sub, master = self._sub, self._topology.master
+        if sub is not None and master is not None:
+            await sub.send_probe(master, self.keys.probe_channel, self._check_timeout)
 
     # -- cluster state: heartbeats and presence -------------------------------------------------
 
@@ -446,6 +439,19 @@ class RedisBroker:
         sub = self._sub
         await self._cluster.heartbeat(
             master, sub.endpoint.label if sub is not None and sub.alive else None)
+        await self._bans.refresh(master)
+
+    async def ban(self, ban: Ban) -> None:
+        await self._bans.add(self._topology.master, ban)
+
+    async def unban(self, user: str) -> bool:
+        return await self._bans.remove(self._topology.master, user)
+
+    def banned(self, user: str) -> Ban | None:
+        return self._bans.get(user)
+
+    def bans(self) -> list[Ban]:
+        return self._bans.all()
 
     async def set_presence(self, room: str, nicks: Mapping[str, int]) -> None:
         """Record this node's clients in ``room``; kept locally and rewritten every heartbeat."""
@@ -466,17 +472,8 @@ class RedisBroker:
     def readiness(self) -> list[str]:
         if not self._started or self._closed:
             return ["broker not started"]
-        reasons = []
-        master = self._topology.master
-        if master is None:
-            sentinel_error = self._sentinel.error if self._sentinel is not None else None
-            reasons.append(f"master unknown: {sentinel_error or 'not discovered yet'}")
-        elif not master.reachable:
-            reasons.append("master unreachable")
-        elif master.bad_checks >= 2:
-            reasons.append(f"master not responding ({master.problem})")
-        elif master.role == "replica":
-            reasons.append("master is a replica (read-only)")
+        sentinel_error = self._sentinel.error if self._sentinel is not None else None
+        reasons = self._topology.master_problems(sentinel_error)
         sub = self._sub
         if sub is None or not sub.alive:
             reasons.append("no endpoint delivers")

@@ -73,7 +73,8 @@ class Delivery:
             key = id_key(mid)
             fields = json.loads(body)
             msg = Message(id=mid, room=state.room, nick=fields["nick"], text=fields["text"],
-                          ts=float(fields["ts"]), node=fields["node"], prev=prev)
+                          ts=float(fields["ts"]), node=fields["node"], prev=prev,
+                          user=fields.get("user", ""))
         except (ValueError, KeyError, TypeError):
             # Not from our script: someone else publishes on our channel. Not a failover.
             log.warning("ignored a malformed message on %s", channel or state.room)

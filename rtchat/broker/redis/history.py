@@ -35,7 +35,8 @@ def to_message(room: str, entry: Any) -> Message:
     mid, fields = entry
     return Message(id=mid, room=room, nick=fields.get("nick", ""),
                    text=fields.get("text", ""), ts=float(fields.get("ts") or 0.0),
-                   node=fields.get("node", ""), prev=fields.get("prev", ""))
+                   node=fields.get("node", ""), prev=fields.get("prev", ""),
+                   user=fields.get("user", ""))
 
 
 class History:

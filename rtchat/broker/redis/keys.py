@@ -8,6 +8,7 @@ All names start with ``redis.key_prefix``:
 * ``<prefix>node:<node>``     a node's heartbeat (TTL'd JSON)
 * ``<prefix>presence:<room>`` per-room presence hash (field = node id)
 * ``<prefix>idem:<room>:<key>`` an idempotency key's first answer (TTL'd hash)
+* ``<prefix>bans``            banned users (hash: user -> JSON with until, reason, by)
 
 Pure: no I/O, no redis import.
 """
@@ -56,6 +57,10 @@ class Keys:
 
     def presence(self, room: str) -> str:
         return f"{self.prefix}presence:{room}"
+
+    @property
+    def bans(self) -> str:
+        return f"{self.prefix}bans"
 
     def idempotency(self, room: str, key: str) -> str:
         return f"{self.prefix}idem:{room}:{key}"

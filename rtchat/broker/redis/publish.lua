@@ -1,6 +1,6 @@
 -- Store one message and announce it, atomically, on the master.
 -- KEYS[1] room stream; KEYS[2], when given, the send's idempotency key.
--- ARGV: maxlen, ttl, channel, nick, text, ts, node, body, digest, dedup_seconds.
+-- ARGV: maxlen, ttl, channel, nick, text, ts, node, body, digest, dedup_seconds, user.
 -- Returns {id, prev, state, ts, node}: state 0 stored now, 1 a duplicate of the key's
 -- first message (nothing stored or announced), 2 the key was used for other content.
 -- The PUBLISH payload is "<id>\n<prev>\n<body JSON>".
@@ -14,8 +14,12 @@ end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = ''
 if last[1] then prev = last[1][1] end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
-  'nick', ARGV[4], 'text', ARGV[5], 'ts', ARGV[6], 'node', ARGV[7], 'prev', prev)
+local fields = {'nick', ARGV[4], 'text', ARGV[5], 'ts', ARGV[6], 'node', ARGV[7], 'prev', prev}
+if ARGV[11] ~= '' then  -- a verified speaker's id; anonymous entries stay as they were
+  table.insert(fields, 'user')
+  table.insert(fields, ARGV[11])
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], id .. '\n' .. prev .. '\n' .. ARGV[8])
 if KEYS[2] then

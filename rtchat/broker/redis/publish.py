@@ -56,7 +56,7 @@ class Publisher:
         self._sha = hashlib.sha1(self._script.encode("utf-8")).hexdigest()
 
     async def publish(self, master: EndpointHealth, room: str, nick: str, text: str,
-                      wait: int, key: str | None = None) -> Published:
+                      wait: int, key: str | None = None, user: str = "") -> Published:
         """Store and announce one message; ``WAIT`` for ``wait`` replicas (0 = don't).
 
         Raises ``BrokerUnavailable`` (``MasterReadOnly`` for a demoted master); the
@@ -65,10 +65,13 @@ class Publisher:
         """
         node = self._keys.node_id
         ts = time.time()
-        body = json.dumps({"nick": nick, "text": text, "ts": ts, "node": node},
-                          ensure_ascii=False, separators=(",", ":"))
+        fields: dict[str, Any] = {"nick": nick, "text": text, "ts": ts, "node": node}
+        if user:
+            fields["user"] = user
+        body = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
         args = (self._size, self._ttl, self._keys.channel(room), nick, text, repr(ts), node, body,
-                content_digest(nick, text) if key is not None else "", self._dedup_seconds)
+                content_digest(nick, text, user) if key is not None else "", self._dedup_seconds,
+                user)
         keys = [self._keys.stream(room)]
         if key is not None:
             keys.append(self._keys.idempotency(room, key))
@@ -93,7 +96,7 @@ class Publisher:
         if state == 2:
             raise KeyConflict(key)
         msg = Message(id=str(stored[0]), room=room, nick=nick, text=text,
-                      ts=float(stored[3]), node=str(stored[4]), prev=str(stored[1]))
+                      ts=float(stored[3]), node=str(stored[4]), prev=str(stored[1]), user=user)
         duplicate = state == 1
         if not wait:
             return Published(msg, None, duplicate)

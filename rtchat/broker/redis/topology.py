@@ -72,6 +72,19 @@ class Topology:
             eps.append(subscribed)
         return eps
 
+    def master_problems(self, sentinel_error: str | None) -> list[str]:
+        """Why the master cannot take writes now (readiness reasons); empty when it can."""
+        master = self.master
+        if master is None:
+            return [f"master unknown: {sentinel_error or 'not discovered yet'}"]
+        if not master.reachable:
+            return ["master unreachable"]
+        if master.bad_checks >= 2:
+            return [f"master not responding ({master.problem})"]
+        if master.role == "replica":
+            return ["master is a replica (read-only)"]
+        return []
+
     def acks_to_wait(self, all_online: bool) -> int:
         """How many replicas ``WAIT`` must hear from: 0 without replicas, else 1.
 
