@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from rtchat.bench.wire import UsageError, fill, parse_target
+from rtchat.bench.wire import UsageError, fill, header_lines, parse_target
 
 DEFAULT_SUB_URL = "{url}/rooms/{room}/events"
 DEFAULT_PUB_URL = "{url}/rooms/{room}/messages"
@@ -85,6 +85,10 @@ class Options:
         # Absent unless given, so an empty --room-prefix "" is an error, not the default.
         "--room-prefix", default="", cli_default=argparse.SUPPRESS, metavar="P",
         help="room names are P0, P1, ... (default bench-<random run id>-)")
+    headers: tuple[str, ...] = _flag(
+        "--header", default=(), cli_default=[], action="append", metavar="'NAME: VALUE'",
+        help="an extra request header on every stream and send; repeat for more "
+             "(e.g. 'Authorization: Bearer <token>')")
     quiet: bool = _flag("-q", "--quiet", action="store_true", default=False,
                         help="no progress on stderr")
 
@@ -138,6 +142,7 @@ def parse_args(argv: Sequence[str]) -> Options:
             raise UsageError(f"--url is required: {flag} {template!r} uses {{url}}")
     if "room_prefix" in parsed and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", given.room_prefix):
         raise UsageError("--room-prefix must be 1-40 characters of letters, digits, '_' and '-'")
+    header_lines(given.headers)
     urls = tuple(given.urls) or ("",)
     for url in given.urls:
         parse_target(url)
@@ -145,4 +150,4 @@ def parse_args(argv: Sequence[str]) -> Options:
     for url in urls:
         parse_target(fill(given.sub_url, url, "room"))
         parse_target(fill(given.pub_url, url, "room"))
-    return replace(given, urls=urls)
+    return replace(given, urls=urls, headers=tuple(given.headers))

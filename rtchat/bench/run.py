@@ -20,7 +20,7 @@ from typing import Any
 from rtchat.bench.clients import PublishConnection, StreamProtocol, Subscriber, make_text
 from rtchat.bench.options import Options
 from rtchat.bench.report import Timings, build_report
-from rtchat.bench.wire import Target, build_get, build_post, fill, parse_target
+from rtchat.bench.wire import Target, build_get, build_post, fill, header_lines, parse_target
 
 
 class Bench:
@@ -28,6 +28,7 @@ class Bench:
 
     def __init__(self, opts: Options, log: Callable[[str], None]) -> None:
         self.opts = opts
+        self.headers = header_lines(opts.headers)  # the same extra lines on every request
         self.log = log
         self.run_id = secrets.token_hex(4)
         prefix = opts.room_prefix or f"bench-{self.run_id}-"
@@ -68,7 +69,7 @@ class Bench:
         """Open one stream for ``sub``; returns None or the error kind."""
         loop = asyncio.get_running_loop()
         host, port, use_ssl = sub.target.address
-        proto = StreamProtocol(sub, build_get(sub.target, sub.last_event_id), self._on_lost,
+        proto = StreamProtocol(sub, build_get(sub.target, sub.last_event_id, self.headers), self._on_lost,
                                 self.activity.set)
         deadline = loop.time() + timeout
         try:
@@ -188,7 +189,7 @@ class Bench:
     async def _send_sync(self, conn: PublishConnection, target: Target, room: int) -> None:
         text = make_text(self.run_id, room, "s", self.opts.body_bytes, time.time())
         try:
-            await conn.post(build_post(target, self.opts.pub_format, text))
+            await conn.post(build_post(target, self.opts.pub_format, text, self.headers))
         except Exception:  # a failed sync send is simply sent again on the next round
             pass
 
@@ -222,7 +223,8 @@ class Bench:
                 room, seq = j % opts.rooms, j // opts.rooms
                 started = time.time()
                 request = build_post(row[room], opts.pub_format,
-                                     make_text(self.run_id, room, seq, opts.body_bytes, started))
+                                     make_text(self.run_id, room, seq, opts.body_bytes, started),
+                                     self.headers)
                 self.sent += 1
                 try:
                     status = await conn.post(request)

@@ -9,6 +9,7 @@ and the ``text/event-stream`` line protocol. No sockets, no clock.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -220,7 +221,15 @@ def fill(template: str, url: str, room: str) -> str:
     return template.replace("{url}", url.rstrip("/")).replace("{room}", room)
 
 
-def build_post(target: Target, body_format: str, text: str) -> bytes:
+def header_lines(headers: Sequence[str]) -> str:
+    """``--header`` values as request lines (``Name: value``), checked for line breaks."""
+    for h in headers:
+        if "\r" in h or "\n" in h or ":" not in h:
+            raise UsageError(f"--header {h!r}: give one 'Name: value'")
+    return "".join(f"{h.strip()}\r\n" for h in headers)
+
+
+def build_post(target: Target, body_format: str, text: str, headers: str = "") -> bytes:
     """A complete POST request carrying ``text`` in the chosen body format."""
     if body_format == "json":
         body = json.dumps({"nick": "bench", "text": text}, separators=(",", ":")).encode()
@@ -233,13 +242,14 @@ def build_post(target: Target, body_format: str, text: str) -> bytes:
         content_type = "text/plain; charset=utf-8"
     head = (f"POST {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Accept: application/json\r\nUser-Agent: rtchat-bench\r\n\r\n")
+            f"Accept: application/json\r\nUser-Agent: rtchat-bench\r\n{headers}\r\n")
     return head.encode("latin-1") + body
 
 
-def build_get(target: Target, last_event_id: bytes = b"") -> bytes:
+def build_get(target: Target, last_event_id: bytes = b"", headers: str = "") -> bytes:
     head = (f"GET {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
-            "Accept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: rtchat-bench\r\n")
+            "Accept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: rtchat-bench\r\n"
+            + headers)
     extra = b"Last-Event-ID: " + last_event_id + b"\r\n" if last_event_id else b""
     return head.encode("latin-1") + extra + b"\r\n"
 
