@@ -116,6 +116,7 @@ class LimitsConfig:
     max_body_bytes: int = 16384
     max_nick_chars: int = 32
     max_clients: int = 20000
+    max_rooms_per_stream: int = 32
     max_streams_per_address: int = 100
     max_connections_per_address: int = 200
     rate: RateConfig = field(default_factory=RateConfig)
@@ -236,6 +237,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "limits.rate.messages_per_second": _POSITIVE,
     "limits.rate.burst": _POSITIVE,
     "limits.max_streams_per_address": _POSITIVE,
+    "limits.max_rooms_per_stream": (lambda v: 1 <= v <= 64, "must be from 1 to 64"),
     "limits.max_connections_per_address": _POSITIVE,
     "limits.read_rate.requests_per_second": _POSITIVE,
     "limits.read_rate.burst": _POSITIVE,

@@ -28,8 +28,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtchat import cursor as cursor_mod
 from rtchat import sse
 from rtchat.broker.base import Ban, Broker, Presence, Published
+from rtchat.catchup import catch_up, catch_up_rooms
 from rtchat.config import Config
 from rtchat.messages import Message
 from rtchat.metrics import Metrics
@@ -52,6 +54,8 @@ class _Room:
     streams: set[Stream] = field(default_factory=set)
     unsubscribe_timer: asyncio.TimerHandle | None = None
     presence_count: int = -1
+    # The multi-room streams among ``streams``: framed per stream (with their cursor).
+    multi: set[Stream] = field(default_factory=set)
     # What this node last recorded in the broker for the room: a new stream's first
     # presence count is the cluster's minus this plus what is open here now.
     written: Counter[str] = field(default_factory=Counter)
@@ -193,7 +197,7 @@ class Hub:
         await self._join(stream)
         try:
             if last_event_id:
-                stream.head = await self._catch_up(stream, last_event_id)
+                stream.head = await catch_up(self.broker, stream, last_event_id)
             count = await self._presence_now(stream.room)
             if count is not None:
                 stream.presence_count = count
@@ -203,17 +207,34 @@ class Hub:
             stream.close(stream.close_reason or "client_gone")
             self._leave(stream)
 
-    async def _catch_up(self, stream: Stream, last_id: str) -> list[bytes]:
-        replay = await self.broker.read_since(stream.room, last_id)
-        frames = []
-        if replay.truncated:
-            frames.append(sse.json_event(
-                "reset", {"reason": "history_truncated", "oldest": replay.oldest}))
-        frames += [sse.message(msg.id, msg.public_json()) for msg in replay.messages]
-        newest = replay.messages[-1].id if replay.messages else last_id
-        stream.skip_through(newest)
-        stream.last_event_id = newest
-        return frames
+    @contextlib.asynccontextmanager
+    async def connect_rooms(self, rooms: tuple[str, ...], nick: str, remote: str, user_agent: str,
+                            last_event_id: str = "", user: str = "",
+                            expires: float | None = None) -> AsyncIterator[Stream]:
+        """One stream over several rooms; its ids are resume cursors for the whole set.
+
+        ``last_event_id`` (a cursor) resumes every room it names (``reset`` with the
+        room where its history has a gap); the other rooms start live. BadCursor for a
+        cursor this server did not write; BrokerUnavailable as for ``connect``.
+        """
+        resumed = cursor_mod.decode(last_event_id, rooms) if last_event_id else {}
+        stream = Stream(rooms[0], nick, remote, user_agent, self.cfg.sse.max_queue,
+                        self._stream_ready, max_bytes=self.cfg.sse.max_buffer_bytes, rooms=rooms)
+        if user:
+            stream.user = user
+        if expires:
+            stream.expires = expires
+        await self._join(stream)
+        try:
+            stream.head = await catch_up_rooms(self.broker, stream, resumed)
+            for room in rooms:
+                count = await self._presence_now(room)
+                if count is not None:
+                    stream.head.append(sse.json_event("presence", {"room": room, "count": count}))
+            yield stream
+        finally:
+            stream.close(stream.close_reason or "client_gone")
+            self._leave(stream)
 
     async def _presence_now(self, room: str) -> int | None:
         """The room's presence count as of now, counting streams not yet recorded.
@@ -249,18 +270,34 @@ class Hub:
         return (["draining"] if self.draining else []) + self.broker.readiness()
 
     async def _join(self, stream: Stream) -> None:
-        state = self._rooms.get(stream.room)
+        """Register ``stream`` in each of its rooms (subscribing where it is the first);
+        on a failure, leave the rooms already joined and raise."""
+        joined: list[str] = []
+        try:
+            for room in stream.rooms or (stream.room,):
+                await self._join_room(stream, room)
+                joined.append(room)
+        except BaseException:
+            for room in joined:
+                self._leave_room(stream, room)
+            raise
+        self._streams[stream.id] = stream
+        self._per_address[stream.remote] += 1
+        self.metrics.clients.set(len(self._streams))
+
+    async def _join_room(self, stream: Stream, room: str) -> None:
+        state = self._rooms.get(room)
         if state is None:
             state = _Room(ready=asyncio.get_running_loop().create_future())
-            self._rooms[stream.room] = state
+            self._rooms[room] = state
             try:
-                pending = self._unsubscribing.get(stream.room)
+                pending = self._unsubscribing.get(room)
                 if pending is not None:
                     await asyncio.wait([pending])  # its outcome is logged by _unsubscribed
-                await self.broker.subscribe(stream.room)
+                await self.broker.subscribe(room)
             except BaseException as e:
                 # Roll back: the next client tries again from scratch.
-                del self._rooms[stream.room]
+                del self._rooms[room]
                 state.ready.set_exception(e)
                 state.ready.exception()  # mark retrieved; waiters re-raise it themselves
                 raise
@@ -271,10 +308,9 @@ class Hub:
                 state.unsubscribe_timer = None
             await asyncio.shield(state.ready)
         state.streams.add(stream)
-        self._streams[stream.id] = stream
-        self._per_address[stream.remote] += 1
-        self.metrics.clients.set(len(self._streams))
-        self._mark_presence(stream.room)
+        if stream.rooms:
+            state.multi.add(stream)
+        self._mark_presence(room)
 
     def _leave(self, stream: Stream) -> None:
         if self._streams.pop(stream.id, None) is None:
@@ -287,14 +323,19 @@ class Hub:
         self.metrics.clients.set(len(self._streams))
         if stream.close_reason == "slow_client":
             self.metrics.evicted.inc()
-        state = self._rooms.get(stream.room)
+        for room in stream.rooms or (stream.room,):
+            self._leave_room(stream, room)
+
+    def _leave_room(self, stream: Stream, room: str) -> None:
+        state = self._rooms.get(room)
         if state is None:
             return
         state.streams.discard(stream)
-        self._mark_presence(stream.room)
+        state.multi.discard(stream)
+        self._mark_presence(room)
         if not state.streams and state.unsubscribe_timer is None:
             state.unsubscribe_timer = asyncio.get_running_loop().call_later(
-                UNSUBSCRIBE_DELAY, self._unsubscribe_if_empty, stream.room)
+                UNSUBSCRIBE_DELAY, self._unsubscribe_if_empty, room)
 
     def _unsubscribe_if_empty(self, room: str) -> None:
         state = self._rooms.get(room)
@@ -330,12 +371,20 @@ class Hub:
         state = self._rooms.get(msg.room)
         if state is None or not state.streams:
             return
-        frame = sse.message(msg.id, msg.public_json())
+        json_data = msg.public_json()
+        frame = sse.message(msg.id, json_data)  # framed once for every single-room stream
         mid = msg.id
         key = msg.key
         streams = tuple(state.streams)
-        for stream in streams:
-            stream.push(frame, mid, key)
+        if state.multi:
+            for stream in streams:
+                if stream.rooms:
+                    stream.push_message(msg, json_data)
+                else:
+                    stream.push(frame, mid, key)
+        else:
+            for stream in streams:
+                stream.push(frame, mid, key)
         self.messages_out += len(streams)
         self.metrics.delivered.inc(len(streams))
         self.metrics.fanout_latency.observe(max(0.0, time.time() - msg.ts))
@@ -422,7 +471,9 @@ class Hub:
             state.presence_count = presence.count
             frame = sse.json_event("presence", {"room": room, "count": presence.count})
             for stream in tuple(state.streams):
-                if stream.presence_count != presence.count:  # told on join already
+                if stream.rooms:
+                    stream.push(frame)  # one count per room: no single "last told"
+                elif stream.presence_count != presence.count:  # told on join already
                     stream.presence_count = presence.count
                     stream.push(frame)
 

@@ -16,7 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from rtchat.messages import id_key
+from rtchat import sse
+from rtchat.cursor import Encoder
+from rtchat.messages import Message, id_key
 
 log = logging.getLogger("rtchat.stream")
 
@@ -35,18 +37,23 @@ class Stream:
     """
 
     __slots__ = (
-        "_closed_waiter", "_dirty", "_end_when_sent", "_inflight", "_key_skip", "_on_ready",
-        "_progress", "_queue",
-        "_queued_bytes", "_sink", "_writing", "abort", "close_reason", "closed", "connected_at",
-        "expires", "head", "id", "last_event_id", "max_bytes", "max_queue", "nick",
-        "presence_count", "remote", "room", "user", "user_agent", "write_started",
+        "_closed_waiter", "_dirty", "_end_when_sent", "_held", "_inflight", "_key_skip",
+        "_on_ready", "_progress", "_queue", "_queued_bytes", "_sink", "_writing", "abort",
+        "close_reason", "closed", "connected_at", "cursor", "expires", "head", "id",
+        "last_event_id", "max_bytes", "max_queue", "nick", "presence_count", "remote", "room",
+        "rooms", "user", "user_agent", "write_started",
     )
 
     def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
                  on_ready: Callable[[Stream], None] | None = None,
-                 max_bytes: int = 1 << 62) -> None:
+                 max_bytes: int = 1 << 62, rooms: tuple[str, ...] = ()) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.room = room
+        # A multi-room stream's rooms (() for one room): its messages carry a resume cursor
+        # for the whole set instead of the message id, so they are framed per stream.
+        self.rooms = rooms
+        self.cursor: Encoder | None = None
+        self._held: list[tuple[Message, str]] | None = [] if rooms else None
         self.nick = nick
         self.remote = remote
         self.user_agent = user_agent
@@ -102,6 +109,30 @@ class Stream:
             else:
                 self.write_pending()
         return True
+
+    def push_message(self, msg: Message, json_data: str) -> None:
+        """A message for a multi-room stream: framed with the cursor after it. Held while the
+        stream catches up (``start_live`` sends on what is new); a position it has passed is
+        a duplicate and dropped."""
+        held = self._held
+        if held is not None:
+            held.append((msg, json_data))
+            return
+        cursor = self.cursor
+        assert cursor is not None
+        key = msg.key
+        if key <= cursor.positions.get(msg.room, (0, -1)):
+            return
+        position = cursor.advance(msg.room, key)
+        self.push(sse.message(position, json_data), position)
+
+    def start_live(self, cursor: Encoder) -> None:
+        """A multi-room stream has caught up to ``cursor``: live messages flow from here."""
+        self.cursor = cursor
+        self.last_event_id = cursor.cursor()
+        held, self._held = self._held or [], None
+        for msg, json_data in held:
+            self.push_message(msg, json_data)
 
     def end_after(self, frame: bytes, reason: str) -> None:
         """Send ``frame`` (after what is queued), then close with ``reason``: a goodbye."""
@@ -219,7 +250,8 @@ class Stream:
 
     def info(self) -> dict[str, Any]:
         return {
-            "id": self.id, "room": self.room, "nick": self.nick, "remote": self.remote,
+            "id": self.id, "room": ",".join(self.rooms) if self.rooms else self.room,
+            "rooms": list(self.rooms) or [self.room], "nick": self.nick, "remote": self.remote,
             "user_agent": self.user_agent, "connected_at": self.connected_at,
             "last_event_id": self.last_event_id, "queue": len(self._queue),
             "buffered_bytes": self._queued_bytes + self._inflight,

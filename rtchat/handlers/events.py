@@ -14,6 +14,7 @@ from asyncio import Future
 
 from tornado.iostream import IOStream, StreamClosedError
 
+from rtchat import cursor as cursor_mod
 from rtchat import sse
 from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
@@ -69,17 +70,27 @@ CATCH_UP_PIECE = 64 * 1024
 
 
 class EventStreamHandler(ApiHandler):
+    """``GET /rooms/<room>/events``: one room; ``GET /events?rooms=a,b``: several on one
+    connection, whose ids are resume cursors for the whole set."""
+
     stream: Stream | None = None
     cors = True
 
-    async def get(self, room: str) -> None:
+    async def get(self, room: str | None = None) -> None:
         cfg = self.ctx.cfg
         hub = self.ctx.hub
-        self.check_room(room)
+        rooms: tuple[str, ...] = ()
+        if room is None:
+            rooms = self._rooms()
+        else:
+            self.check_room(room)
         self.take_read_token()
         last_id = (self.request.headers.get("Last-Event-ID", "").strip()
                    or self.get_query_argument("last_event_id", "", strip=False))
-        if last_id and not valid_id(last_id):
+        if rooms:
+            if last_id and not cursor_mod.looks_like(last_id):
+                last_id = ""  # an id from a one-room stream: the set starts live
+        elif last_id and not valid_id(last_id):
             raise self.reject(400, "bad_last_event_id",
                               "Last-Event-ID must be <ms>-<seq>, two whole numbers below 2^64")
         nick = self.get_query_argument("nick", "", strip=False)
@@ -96,7 +107,9 @@ class EventStreamHandler(ApiHandler):
             return await self._elsewhere("draining", "this node is shutting down", 1)
         if hub.client_count >= cfg.limits.max_clients:
             return await self._elsewhere("too_many_clients", "this node is full", 5)
-        speaker = self.authorize_room(room)
+        speaker = None
+        for each in rooms or (room,):
+            speaker = self.authorize_room(each)  # 401, or 403 for any room it may not enter
         if speaker is not None:
             nick = speaker.name
         if hub.streams_from(self.client_address) >= cfg.limits.max_streams_per_address:
@@ -104,12 +117,16 @@ class EventStreamHandler(ApiHandler):
                               f"at most {cfg.limits.max_streams_per_address} streams per address",
                               retry_after=5)
 
+        who = {"user": speaker.user if speaker is not None else "",
+               "expires": speaker.expires if speaker is not None else None}
+        agent = self.request.headers.get("User-Agent", "")
         try:
-            async with hub.connect(room, nick, self.client_address,
-                                   self.request.headers.get("User-Agent", ""), last_id,
-                                   user=speaker.user if speaker is not None else "",
-                                   expires=speaker.expires if speaker is not None else None,
-                                   ) as stream:
+            if rooms:
+                connecting = hub.connect_rooms(rooms, nick, self.client_address, agent, last_id,
+                                               **who)
+            else:
+                connecting = hub.connect(room, nick, self.client_address, agent, last_id, **who)
+            async with connecting as stream:
                 self.stream = stream
                 stream.abort = self._abort
                 self._start_stream()
@@ -118,6 +135,25 @@ class EventStreamHandler(ApiHandler):
             if self._headers_written:
                 return  # the stream already started; the client reconnects and resumes
             raise  # 503, from ApiHandler.write_error
+        except cursor_mod.BadCursor as e:
+            raise self.reject(400, "bad_last_event_id", f"not a cursor of these rooms: {e}") \
+                from None
+
+    def _rooms(self) -> tuple[str, ...]:
+        """``?rooms=a,b,c``: 1 to ``limits.max_rooms_per_stream`` valid, distinct room names."""
+        limit = self.ctx.cfg.limits.max_rooms_per_stream
+        names = [r for r in self.get_query_argument("rooms", "", strip=False).split(",") if r]
+        rooms = tuple(dict.fromkeys(names))
+        if not rooms:
+            raise self.reject(400, "bad_rooms", "name the rooms: /events?rooms=a,b,c")
+        if len(rooms) > limit:
+            raise self.reject(400, "too_many_rooms", f"at most {limit} rooms on one stream")
+        for room in rooms:
+            self.check_room(room)
+        if len({cursor_mod.tag(r) for r in rooms}) < len(rooms):
+            raise self.reject(400, "bad_rooms", "two of these room names share a cursor tag; "
+                                                "stream them apart")
+        return rooms
 
     async def _elsewhere(self, code: str, message: str, retry_after: int) -> None:
         """This node cannot take the stream: let it go elsewhere, and strand no client.
