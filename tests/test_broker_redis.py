@@ -654,3 +654,31 @@ def test_rss_stays_flat_over_100k_messages(start_redis: Callable[..., RedisServe
     print(f"RSS after {warmup} messages: {before / 2**20:.1f} MiB; after {count}: "
           f"{after / 2**20:.1f} MiB; growth {growth / 2**20:+.2f} MiB")
     assert growth < 8 * 2**20
+
+
+def test_concurrent_sends_share_a_batch_and_each_gets_its_own_answer(
+        cluster: tuple[RedisServer, ...]) -> None:
+    """Group commit: sends that arrive together go to the master in one pipeline with one
+    WAIT, yet each has its own id, its own replicated answer, and one delivery."""
+    master, replica, _ = cluster
+
+    async def scenario() -> None:
+        async with running(redis_config(master, [replica])) as (broker, inbox):
+            await broker.subscribe("batch")
+            results = await asyncio.gather(*(
+                broker.publish("batch", "ann", f"m{i}") for i in range(200)))
+            ids = [r.message.id for r in results]
+            assert len(set(ids)) == 200
+            assert all(r.replicated is True for r in results)
+            publisher = broker._publisher
+            assert publisher.sends == 200
+            assert publisher.batches < 50, publisher.batches  # they did go together
+            history = await broker.history("batch", 500)
+            assert sorted(m.text for m in history) == sorted(f"m{i}" for i in range(200))
+            await until(lambda: len(inbox.ids("batch")) == 200, "every send delivered")
+            assert sorted(inbox.ids("batch")) == sorted(ids)  # once each
+            # The prev chain stays whole across a batch: each names the one stored before it.
+            chain = [(m.id, m.prev) for m in history]
+            assert all(prev == chain[i - 1][0] for i, (_, prev) in enumerate(chain) if i)
+
+    asyncio.run(scenario())

@@ -7,7 +7,8 @@ With an idempotency key it first looks the key up, and answers with the
 key's first message instead of storing again (KeyConflict for other
 content); a send that got 503 after the script ran is made safe by its
 retry finding the key.
-With replicas, the same connection then sends ``WAIT``. Nothing is ever
+With replicas, the same connection then sends ``WAIT``. Sends that arrive
+together share one pipeline and one ``WAIT`` (group commit). Nothing is ever
 written to a replica: Redis would accept a PUBLISH there and deliver it to
 nobody. Owns the script text and its SHA; which endpoint is the master, and
 how many acknowledgements to wait for, are the caller's.
@@ -20,6 +21,7 @@ import functools
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -42,8 +44,32 @@ def publish_script() -> str:
     return resources.files(__package__).joinpath("publish.lua").read_text(encoding="utf-8")
 
 
+@dataclass
+class _Send:
+    """One send waiting for its batch."""
+
+    room: str
+    nick: str
+    text: str
+    user: str
+    key: str | None
+    ts: float
+    keys: list[str]
+    args: tuple[Any, ...]
+    done: asyncio.Future[Published] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 class Publisher:
-    """Stores and announces messages for one node."""
+    """Stores and announces messages for one node, with group commit.
+
+    Sends that arrive while a batch is at the master go together in the next
+    one: one pipeline of scripts and one shared ``WAIT``, so concurrent sends
+    cost one round trip instead of two each. Each still gets its own id and
+    its own answer, and none is answered before the master stored it.
+    """
+
+    MAX_BATCH = 256  # sends in one pipeline at most; the rest go in the next
 
     def __init__(self, keys: Keys, history_size: int, ttl_seconds: int, wait_ms: int,
                  dedup_seconds: int = 300) -> None:
@@ -54,6 +80,10 @@ class Publisher:
         self.wait_ms = wait_ms
         self._script = publish_script()
         self._sha = hashlib.sha1(self._script.encode("utf-8")).hexdigest()
+        self._pending: dict[tuple[EndpointHealth, int], list[_Send]] = {}
+        self._flushing: set[tuple[EndpointHealth, int]] = set()
+        self.batches = 0  # pipelines sent (sends / batches = the mean batch size)
+        self.sends = 0
 
     async def publish(self, master: EndpointHealth, room: str, nick: str, text: str,
                       wait: int, key: str | None = None, user: str = "") -> Published:
@@ -75,39 +105,85 @@ class Publisher:
         keys = [self._keys.stream(room)]
         if key is not None:
             keys.append(self._keys.idempotency(room, key))
-        writer = master.writer(self.wait_ms)
+        send = _Send(room, nick, text, user, key, ts, keys, args)
+        group = (master, wait)
+        self._pending.setdefault(group, []).append(send)
+        if group not in self._flushing:
+            self._flushing.add(group)
+            asyncio.get_running_loop().create_task(self._flush(group), name="redis-publish")
+        return await asyncio.shield(send.done)  # a cancelled caller leaves its batch whole
+
+    async def _flush(self, group: tuple[EndpointHealth, int]) -> None:
+        """Send batches for ``group`` until none is waiting; one batch at a time."""
+        master, wait = group
         try:
-            result = await self._run(writer, keys, args, wait)
-            if isinstance(result[0], NoScriptError):
-                # A restarted (or new) master has an empty script cache; nothing ran.
+            while self._pending.get(group):
+                sends = self._pending[group][:self.MAX_BATCH]
+                del self._pending[group][:len(sends)]
+                await self._commit(master, wait, sends)
+        finally:
+            self._flushing.discard(group)
+            if not self._pending.get(group):
+                self._pending.pop(group, None)
+
+    async def _commit(self, master: EndpointHealth, wait: int, sends: list[_Send]) -> None:
+        writer = master.writer(self.wait_ms)
+        self.batches += 1
+        self.sends += len(sends)
+        try:
+            results = await self._run(writer, sends, wait)
+            retry = [i for i, r in enumerate(results[:len(sends)]) if isinstance(r, NoScriptError)]
+            if retry:
+                # A restarted (or new) master has an empty script cache; those did not run.
                 await writer.script_load(self._script)
-                result = await self._run(writer, keys, args, wait)
+                again = await self._run(writer, [sends[i] for i in retry], wait)
+                for n, i in enumerate(retry):
+                    results[i] = again[n]
+                if wait:
+                    results[len(sends)] = again[len(retry)]
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             master.note_failure(e)
-            raise BrokerUnavailable(f"Redis master unavailable: {error_text(e)}") from None
-        stored = result[0]
+            failure = BrokerUnavailable(f"Redis master unavailable: {error_text(e)}")
+            for send in sends:
+                _settle(send.done, error=failure)
+            return
+        acks = results[len(sends)] if wait else None
+        for send, stored in zip(sends, results, strict=False):
+            _settle(send.done, *self._answer(master, send, stored, wait, acks))
+
+    def _answer(self, master: EndpointHealth, send: _Send, stored: Any, wait: int, acks: Any
+                ) -> tuple[Published | None, BaseException | None]:
         if isinstance(stored, Exception):
             master.note_failure(stored)
             refused = f"Redis master refused the write: {error_text(stored)}"
             if isinstance(stored, ResponseError) and "READONLY" in str(stored):
-                raise MasterReadOnly(refused)
-            raise BrokerUnavailable(refused)
+                return None, MasterReadOnly(refused)
+            return None, BrokerUnavailable(refused)
         state = int(stored[2])
         if state == 2:
-            raise KeyConflict(key)
-        msg = Message(id=str(stored[0]), room=room, nick=nick, text=text,
-                      ts=float(stored[3]), node=str(stored[4]), prev=str(stored[1]), user=user)
-        duplicate = state == 1
-        if not wait:
-            return Published(msg, None, duplicate)
-        acks = result[1]
-        return Published(msg, isinstance(acks, int) and acks >= wait, duplicate)
+            return None, KeyConflict(send.key)
+        msg = Message(id=str(stored[0]), room=send.room, nick=send.nick, text=send.text,
+                      ts=float(stored[3]), node=str(stored[4]), prev=str(stored[1]),
+                      user=send.user)
+        replicated = (isinstance(acks, int) and acks >= wait) if wait else None
+        return Published(msg, replicated, state == 1), None
 
-    async def _run(self, writer: aioredis.Redis, keys: list[str], args: tuple[Any, ...],
-                   wait: int) -> list[Any]:
-        # EVALSHA and WAIT must share a connection: WAIT counts that connection's writes.
+    async def _run(self, writer: aioredis.Redis, sends: list[_Send], wait: int) -> list[Any]:
+        # The scripts and WAIT must share a connection: WAIT counts that connection's writes.
         async with writer.pipeline(transaction=False) as pipe:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
+            for send in sends:
+                pipe.evalsha(self._sha, len(send.keys), *send.keys, *send.args)
             if wait:
                 pipe.execute_command("WAIT", wait, self.wait_ms)
             return await pipe.execute(raise_on_error=False)
+
+
+def _settle(done: asyncio.Future[Published], result: Published | None = None,
+            error: BaseException | None = None) -> None:
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+        done.exception()  # retrieved here: a caller that went away must not leave it unseen
+    else:
+        done.set_result(result)  # type: ignore[arg-type]
