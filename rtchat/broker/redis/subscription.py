@@ -133,6 +133,18 @@ class Subscription:
 
     # -- the probe -------------------------------------------------------------------
 
+    async def send_probe(self, master: EndpointHealth, timeout: float) -> None:
+        """Publish a probe on the master; it must come back on this subscription."""
+        if not self.can_probe or not master.reachable:
+            return
+        sent = time.monotonic()
+        try:
+            await asyncio.wait_for(master.client.publish(self._probe_channel, repr(sent)), timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            master.note_failure(e)
+            return
+        self.probe_sent(sent)
+
     def probe_sent(self, sent: float) -> None:
         """A probe carrying ``sent`` (``time.monotonic()``) was published on the master."""
         self._probes_out.append(sent)
