@@ -214,8 +214,11 @@
       td(tr, "probe", ms(ep.probe_ms), "nowrap");
       td(tr, "health", ep.healthy ? "healthy" : "unhealthy" + (ep.problem ? ": " + ep.problem : ""),
          ep.healthy ? "nowrap ok-text" : "bad-text");
-      td(tr, "down since", ep.down_since ? dateTime(ep.down_since) + " (" +
-         ago(s.generated_at - ep.down_since) + ")" : DASH, "nowrap");
+      var since = td(tr, "down since", ep.down_since ? "" : DASH);
+      if (ep.down_since) {  // the date, then how long ago: two unbreakable parts
+        since.append(el("span", "nowrap", dateTime(ep.down_since)), " ",
+                     el("span", "nowrap", "(" + ago(s.generated_at - ep.down_since) + ")"));
+      }
       td(tr, "last error", dash(ep.last_error), "small err");
     });
     $("subscribed").textContent = r.subscribed_endpoint || "none";
