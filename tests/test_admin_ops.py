@@ -117,8 +117,15 @@ def test_verdict_rules() -> None:
     no_master = view(ep(M, "master", reachable=False, healthy=False), ep(R1, "replica"),
                      ep(R2, "replica"), not_ready=["master unreachable"])
     v = judge([heartbeat("b", ok, age=30)], "a", no_master, **args)
-    assert v.state == "down" and v.reasons[0] == "master unreachable (a)"
+    assert v.state == "down" and v.reasons[0] == "master unreachable"
     assert not any("heartbeat" in r for r in v.reasons)
+
+    # A node that cannot deliver while the master is up: down, naming the node.
+    deaf = view(ep(M, "master"), ep(R1, "replica"), ep(R2, "replica"),
+                not_ready=["no endpoint delivers"])
+    v = judge([heartbeat("b", ok)], "a", deaf, **args)
+    assert v == judge([heartbeat("a", deaf)], "b", ok, **args)
+    assert v.state == "down" and v.reasons == ("no endpoint delivers (a)",)
 
     # A late heartbeat, a node gone without leaving, a slow probe: degraded.
     v = judge([heartbeat("b", ok, age=5)], "a", ok, **args)
@@ -189,6 +196,22 @@ async def test_verdict_goes_degraded_on_both_nodes_when_a_replica_dies_and_back(
     sts = await both_until([a, b], same("healthy"), "both nodes healthy again", timeout=20)
     row = next(e for e in sts[0]["redis"]["endpoints"] if e["url"] == victim.url)
     assert row["down_since"] is None and row["healthy"]
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_verdict_is_down_on_both_nodes_while_the_master_is_gone(start_node, redis_trio) -> None:
+    master, replicas = redis_trio
+    a = await start_node(**redis_node_config(master, replicas, "node-a"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b"))
+    await both_until([a, b], same("healthy"), "a healthy cluster")
+    master.kill()
+    sts = await both_until([a, b], same("down"), "both nodes down, for the same reason")
+    assert sts[0]["verdict"]["reasons"][0] == "master unreachable"
+    metrics = (await a.fetch("/metrics")).body.decode()
+    assert 'rtchat_cluster_verdict{state="down"} 1.0' in metrics
+    master.start()
+    await both_until([a, b], same("healthy"), "both nodes healthy once the master is back",
+                     timeout=30)
 
 
 @pytest.mark.gen_test(timeout=90)

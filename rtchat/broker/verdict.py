@@ -23,7 +23,9 @@ The rule (``judge``), worst first:
 * **healthy** otherwise.
 
 While this node cannot reach the master nobody can write a heartbeat, so
-heartbeat ages are not judged then (the master's outage is the reason).
+the others' views are stale: the verdict is then this node's own view alone
+(every node that sees the master gone says the same "down: master
+unreachable"), and heartbeat ages are not judged.
 Reasons name endpoints and nodes, never measured numbers that differ from
 node to node. Pure: no I/O.
 """
@@ -101,12 +103,15 @@ def judge(nodes: Sequence[Mapping[str, Any]], self_id: str, own_view: Mapping[st
         if not n.get("missing") and isinstance(n.get("view"), Mapping):
             views[str(n.get("id"))] = n["view"]
     views[self_id] = own_view
+    cut_off = _master_unreachable(own_view)
+    if cut_off:  # nobody can write a heartbeat now: the others' views are stale
+        views = {self_id: own_view}
     down: list[str] = []
     degraded: list[str] = []
 
     # Down: a node that cannot serve (its own readiness reasons), grouped by reason.
     for reason, ids in _grouped((i, r) for i, v in views.items() for r in v.get("not_ready", ())):
-        down.append(f"{reason} ({_nodes(ids, views)})")
+        down.append(reason if len(views) == 1 else f"{reason} ({_nodes(ids, views)})")
 
     # Endpoints as the nodes see them.
     seen: dict[str, dict[str, Any]] = {}
@@ -136,7 +141,7 @@ def judge(nodes: Sequence[Mapping[str, Any]], self_id: str, own_view: Mapping[st
             degraded.append(f"{node_id}: delivery probe over {slow_ms:g} ms on {short(url)}")
 
     # Heartbeats: unjudgeable while the master (where they are written) is out of reach.
-    if not _master_unreachable(own_view):
+    if not cut_off:
         for n in sorted(nodes, key=lambda n: str(n.get("id"))):
             node_id = str(n.get("id"))
             if node_id == self_id:
