@@ -4,11 +4,16 @@ Owns: the schema (every key, its type, its default and its limits), the
 merge order (flags > environment > file > defaults) and the error messages,
 which always name the dotted key path. It is the only module that imports
 yaml. It knows nothing of tornado, redis or the hub.
+
+It is one job, and over 500 lines only because the schema is every key of
+every section: splitting the dataclasses from their checks and loader would
+put one key's type, default and limit in two files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -18,6 +23,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -191,10 +197,45 @@ class Config:
 # Checks on values beyond their type: (predicate, reason) per dotted key.
 _POSITIVE = (lambda v: v > 0, "must be greater than 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
-_REDIS_URL = (
-    lambda v: re.match(r"^(redis|rediss|unix)://", v) is not None,
-    "must be a redis:// (or rediss://, unix://) URL",
-)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, checked whole (scheme, host, port, db); None if fine."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis:// (or rediss://, unix://) URL"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix:// URL needs a socket path (unix:///run/redis.sock)"
+        dbs = parse_qs(parts.query).get("db", ["0"])
+        return None if dbs[-1].isdigit() else f"db must be a number, not {dbs[-1]!r}"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"port must be a number from 1 to 65535, not {parts.netloc.rpartition(':')[2]!r}"
+    if not parts.hostname:
+        return "has no host (redis://HOST:PORT/DB)"
+    if port is not None and not 1 <= port <= 65535:
+        return f"port must be from 1 to 65535, not {port}"
+    if parts.netloc.endswith(":"):
+        return "has a ':' but no port"
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        return f"db must be a number (redis://host:port/0), not {db!r}"
+    return None
+
+
+def _check_redis_urls(value: Any) -> str | None:
+    urls = [value] if isinstance(value, str) else list(value)
+    for url in urls:
+        problem = redis_url_problem(url)
+        if problem is not None:
+            return f"{mask_url(url)}: {problem}" if len(urls) > 1 else problem
+    return None
+
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "node.id": (lambda v: re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v) is not None,
                 "must be 'auto' or 1-64 characters of letters, digits, '_.:-'"),
@@ -213,11 +254,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "http.body_timeout_seconds": _POSITIVE,
     "http.idle_timeout_seconds": _POSITIVE,
     "http.max_header_bytes": (lambda v: v >= 1024, "must be at least 1024"),
-    "broker.redis.master": _REDIS_URL,
-    "broker.redis.replicas": (lambda v: all(_REDIS_URL[0](u) for u in v), _REDIS_URL[1]),
     "broker.redis.sentinel.hosts": (
-        lambda v: len(v) > 0 and all(re.fullmatch(r"[^:\s]+:\d+", h) for h in v),
-        "must list at least one host:port",
+        lambda v: len(v) > 0 and all(re.fullmatch(r"[^:\s]+:\d+", h)
+                                     and 1 <= int(h.rpartition(":")[2]) <= 65535 for h in v),
+        "must list at least one host:port (port 1-65535)",
     ),
     "broker.redis.max_replica_lag_seconds": _POSITIVE,
     "broker.redis.replica_ack_timeout_ms": _NON_NEGATIVE,
@@ -256,6 +296,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "auth.header.name": (lambda v: re.fullmatch(r"[A-Za-z0-9-]+", v) is not None,
                          "must be a header name"),
 }
+
+# Every Redis URL in the config, checked whole by ``redis_url_problem``.
+_URL_KEYS = {"broker.redis.master", "broker.redis.replicas"}
 
 _SECRETS = {"admin.password", "admin.password_hash", "broker.redis.sentinel.password",
             "auth.jwt.secret"}
@@ -307,13 +350,56 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _env_items(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every ``RTCHAT_*`` variable as ``(dotted key, raw value)``.
+
+    A variable that names no setting (``RTCHAT_ADMIN_PASSWORD`` with one
+    underscore, a misspelled key) is an error, as an unknown YAML key is: a
+    silently ignored password is worse than a refusal to start.
+    ``RTCHAT_CONFIG`` (the config file's path) is the one exception.
+    """
     items = []
+    known = setting_names()
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or "__" not in name:
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        key = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        parts = name[len(ENV_PREFIX):].split("__")
+        key = ".".join(part.lower() for part in parts)
+        if key not in known:
+            # A well-formed name is reported by its dotted key, as YAML is; any other by itself.
+            where = key if len(parts) > 1 and all(parts) else name
+            subject = "" if where == name else f"environment variable {name} "
+            raise ConfigError(where, subject + _unknown_variable(name, known))
         items.append((key, raw))
     return sorted(items)
+
+
+def setting_names() -> dict[str, str]:
+    """Every dotted key a value can be given for, mapped to its environment variable name."""
+    names: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            tp = hints[f.name]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            target = inner[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+            if dataclasses.is_dataclass(target):
+                if target is not tp:  # optional section (sentinel: null) can be set whole
+                    names[path] = ENV_PREFIX + path.upper().replace(".", "__")
+                walk(target, path)
+            else:
+                names[path] = ENV_PREFIX + path.upper().replace(".", "__")
+
+    walk(Config, "")
+    return names
+
+
+def _unknown_variable(name: str, known: Mapping[str, str]) -> str:
+    close = difflib.get_close_matches(name, list(known.values()), n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return (f"names no setting{hint} (settings are "
+            f"{ENV_PREFIX}<SECTION>__<KEY>, e.g. RTCHAT_HTTP__PORT; {CONFIG_ENV} names the file)")
 
 
 def _env_value(key: str, raw: str) -> Any:
@@ -399,6 +485,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         result = value
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported config type {tp!r} at {path}")
+    if path in _URL_KEYS:
+        problem = _check_redis_urls(result)
+        if problem is not None:
+            raise ConfigError(path, f"{problem} (got {mask_url(str(result))!r})"
+                              if isinstance(result, str) else problem)
     check = _CHECKS.get(path)
     if check is not None and not (path == "node.id" and result == "auto"):
         ok, reason = check

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rtchat.broker.base import BrokerStatus
+from rtchat.broker.verdict import STATES as VERDICT_STATES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -45,7 +46,8 @@ class Metrics:
 
 
 class _BrokerCollector(Collector):
-    """Redis endpoint health as gauges, read from ``broker.status()`` at scrape time."""
+    """Redis endpoint health and the cluster verdict as gauges, read from ``broker.status()``
+    at scrape time."""
 
     def __init__(self, status: Callable[[], BrokerStatus]) -> None:
         self._status = status
@@ -80,4 +82,14 @@ class _BrokerCollector(Collector):
                 probe.add_metric(lv, ep.probe_ms / 1000.0)
         failovers = CounterMetricFamily("rtchat_redis_failovers", "Subscription endpoint switches")
         failovers.add_metric([], float(st.failover_count))
-        yield from (up, healthy, subscribed, lag_b, lag_s, ping, probe, failovers)
+        # One series per state, 1 for the current one: alert on state!="healthy" == 1.
+        verdict = GaugeMetricFamily(
+            "rtchat_cluster_verdict", "The cluster verdict (1 = the current state), the same on "
+            "every node", labels=["state"])
+        for state in VERDICT_STATES:
+            verdict.add_metric([state], 1.0 if st.verdict.state == state else 0.0)
+        reasons = GaugeMetricFamily("rtchat_cluster_verdict_reasons",
+                                    "How many reasons the cluster verdict gives")
+        reasons.add_metric([], float(len(st.verdict.reasons)))
+        yield from (up, healthy, subscribed, lag_b, lag_s, ping, probe, failovers, verdict,
+                    reasons)

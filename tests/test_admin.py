@@ -299,11 +299,20 @@ async def test_markup_in_nick_and_user_agent_is_escaped_in_the_page(start_node) 
         assert r.code == 200
         html = r.body.decode()
         assert XSS not in html and ua not in html
-        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # the table cell, as text
-        assert "&lt;img src=x onerror=&#34;alert(2)&#34;&gt;" in html
+        # One render path: the server sends the shell and the snapshot as JSON, no tables.
         assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in html  # the embedded JSON
+        assert "\\u003cimg src=x onerror=\\\"alert(2)\\\"\\u003e" in html
         assert html.count("<script") == 2  # the page's own two: the JSON and the code
-        assert "innerHTML" not in html and "insertAdjacentHTML" not in html
+        assert '<script src="/static/admin.js"' in html
+        assert "<td" not in html  # every cell is drawn by the script, from the JSON
+        script = await node.fetch("/static/admin.js")
+        assert script.code == 200
+        assert script.headers["Content-Type"].startswith("text/javascript")
+        assert script.headers["X-Content-Type-Options"] == "nosniff"
+        code = script.body.decode()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+            assert sink not in code and sink not in html, sink
+        assert "textContent" in code
     finally:
         await client.aclose()
 

@@ -175,7 +175,9 @@ def test_ready_and_reports_itself(broker: BrokerFactory) -> None:
             assert status.backend == b.kind
             # The JSON shape the admin page and its JavaScript read.
             assert set(status.to_dict()) == {"backend", "master", "subscribed_endpoint",
-                                             "endpoints", "failovers", "failover_count"}
+                                             "endpoints", "failovers", "failover_count",
+                                             "cluster_failovers", "verdict", "missing_nodes"}
+            assert status.verdict.state == "healthy"
             nodes = await b.cluster_nodes()
             assert [n["id"] for n in nodes] == ["contract-node"]
         assert b.readiness() != []  # closed
@@ -197,11 +199,14 @@ def test_status_json_keeps_the_admin_page_shape() -> None:
         "endpoints": [{"url": "redis://h:1/0", "configured_role": "replica", "reachable": True,
                        "role": "replica", "master_link_status": "up", "lag_bytes": 0,
                        "lag_seconds": 0.0, "ping_ms": 0.1, "probe_ms": 0.5, "last_error": None,
-                       "healthy": True, "subscribed": True}],
+                       "healthy": True, "subscribed": True, "down_since": None,
+                       "problem": None}],
         "failovers": [{"at": 1.5, "from": "redis://h:1/0", "to": "redis://h:2/0",
-                       "reason": "lost", "recovered": 3}],
-        "failover_count": 4}
+                       "reason": "lost", "recovered": 3, "node": ""}],
+        "failover_count": 4, "cluster_failovers": [],
+        "verdict": {"state": "healthy", "reasons": []}, "missing_nodes": []}
     # Key order too: the page lists fields as they come.
     assert list(status.to_dict()["endpoints"][0]) == [
         "url", "configured_role", "reachable", "role", "master_link_status", "lag_bytes",
-        "lag_seconds", "ping_ms", "probe_ms", "last_error", "healthy", "subscribed"]
+        "lag_seconds", "ping_ms", "probe_ms", "last_error", "healthy", "subscribed",
+        "down_since", "problem"]

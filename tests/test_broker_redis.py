@@ -233,8 +233,10 @@ def test_subscription_is_on_a_replica_and_only_for_rooms_asked(
             for row in status.to_dict()["endpoints"]:
                 assert set(row) == {"url", "configured_role", "reachable", "role",
                                     "master_link_status", "lag_bytes", "lag_seconds", "ping_ms",
-                                    "probe_ms", "last_error", "healthy", "subscribed"}
+                                    "probe_ms", "last_error", "healthy", "subscribed",
+                                    "down_since", "problem"}
                 assert row["reachable"] and row["healthy"] and row["ping_ms"] is not None
+                assert row["down_since"] is None and row["problem"] is None
 
             # Publishing goes to the master only.
             await b.publish("room1", "ann", "hi")

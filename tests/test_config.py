@@ -148,3 +148,79 @@ def test_running_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> Non
     result = run_cli(env={"RTCHAT_BROKER__BACKEND": "kafka"})
     assert result.returncode == 2
     assert "broker.backend" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- environment variables that name no setting, and Redis URLs checked whole ----------------
+
+
+@pytest.mark.parametrize(("name", "path", "suggestion"), [
+    # One underscore, as the compose file names its own variable: never silently ignored.
+    ("RTCHAT_ADMIN_PASSWORD", "RTCHAT_ADMIN_PASSWORD", "RTCHAT_ADMIN__PASSWORD"),
+    ("RTCHAT_HTTP__PROT", "http.prot", "RTCHAT_HTTP__PORT"),
+    ("RTCHAT_BROKER__REDIS__MASTERS", "broker.redis.masters", "RTCHAT_BROKER__REDIS__MASTER"),
+    ("RTCHAT_PORT", "RTCHAT_PORT", "RTCHAT_HTTP__PORT"),
+    ("RTCHAT_SSE__", "RTCHAT_SSE__", "RTCHAT_SSE__RETRY_MS"),
+    ("RTCHAT_TOTALLY_UNRELATED", "RTCHAT_TOTALLY_UNRELATED", None),
+])
+def test_unknown_environment_variables_are_errors(name: str, path: str, suggestion: str | None
+                                                  ) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(None, {name: "x", "RTCHAT_HTTP__PORT": "9000"})
+    assert info.value.path == path
+    assert name in str(info.value) and "names no setting" in str(info.value)
+    if suggestion is not None:
+        assert f"did you mean {suggestion}?" in str(info.value)
+    else:
+        assert "did you mean" not in str(info.value)
+
+
+def test_every_setting_has_a_variable_and_rtchat_config_is_the_exception(tmp_path: Path) -> None:
+    names = config.setting_names()
+    assert names["admin.password"] == "RTCHAT_ADMIN__PASSWORD"
+    assert names["broker.redis.sentinel.hosts"] == "RTCHAT_BROKER__REDIS__SENTINEL__HOSTS"
+    assert "limits.rate" not in names and names["limits.rate.burst"] == "RTCHAT_LIMITS__RATE__BURST"
+    cfg = config.load(None, {"RTCHAT_CONFIG": str(tmp_path / "x.yaml"),
+                             "RTCHAT_LIMITS__RATE__BURST": "7", "OTHER_THING": "1"})
+    assert cfg.limits.rate.burst == 7
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), [
+    ("master", "redis://h:notaport/0", "port must be a number from 1 to 65535, not 'notaport'"),
+    ("master", "redis://h:0/0", "port must be from 1 to 65535, not 0"),
+    ("master", "redis://h:70000/0", "port must be a number from 1 to 65535"),
+    ("master", "redis://:6379/0", "has no host"),
+    ("master", "redis://h:6379/zero", "db must be a number"),
+    ("master", "redis://h:/0", "has a ':' but no port"),
+    ("master", "http://h:6379/0", "must be a redis://"),
+    ("replicas", "[redis://a:6380/0, redis://b:63x0/0]", "redis://b:63x0/0: port must be a number"),
+])
+def test_redis_urls_are_checked_whole(key: str, value: str, reason: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(None, {f"RTCHAT_BROKER__REDIS__{key.upper()}": value})
+    assert info.value.path == f"broker.redis.{key}"
+    assert reason in str(info.value)
+
+
+def test_good_redis_urls_pass() -> None:
+    for url in ("redis://h:6379/0", "redis://h", "rediss://user:pw@h.example.com:6380/3",
+                "redis://[::1]:6379/0", "unix:///run/redis.sock?db=2"):
+        assert config.load(None, {"RTCHAT_BROKER__REDIS__MASTER": url}).broker.redis.master == url
+
+
+def test_check_config_and_start_refuse_a_misnamed_variable_and_a_bad_url(tmp_path: Path) -> None:
+    path = write(tmp_path, "http: {port: 9100}\n")
+    result = run_cli("check-config", str(path), env={"RTCHAT_ADMIN_PASSWORD": "pw"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert "RTCHAT_ADMIN_PASSWORD: names no setting; did you mean RTCHAT_ADMIN__PASSWORD?" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("--config", str(path), env={"RTCHAT_HTTP__PROT": "9000"})
+    assert result.returncode == 2 and "http.prot" in result.stderr
+    assert "RTCHAT_HTTP__PORT" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("check-config", str(path),
+                     env={"RTCHAT_BROKER__REDIS__MASTER": "redis://h:notaport/0"})
+    assert result.returncode == 2
+    assert "broker.redis.master: port must be a number" in result.stderr
+    result = run_cli("--config", str(write(tmp_path, "broker: {redis: {master: 'redis://h:notaport/0'}}")))
+    assert result.returncode == 2 and "broker.redis.master: " in result.stderr
+    assert "Traceback" not in result.stderr

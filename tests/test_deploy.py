@@ -309,7 +309,7 @@ def test_cluster_node_example_passes_check_config() -> None:
 
 def test_compose_node_environment_passes_check_config() -> None:
     for name, service in node_services().items():
-        env = {k: interpolate(str(v), {"RTCHAT_ADMIN_PASSWORD": "compose-secret"})
+        env = {k: interpolate(str(v), {"CHAT_ADMIN_PASSWORD": "compose-secret"})
                for k, v in service["environment"].items()}
         config_file = volume_targets(service)[config_path_in_cmd()]
         result = check_config(config_file, clean_env(**env))

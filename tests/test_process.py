@@ -78,6 +78,7 @@ def test_installed_wheel_serves_the_chat_page(tmp_path, spawn_node) -> None:
     assert (site / "rtchat" / "broker" / "redis" / "publish.lua").is_file()
     assert (site / "rtchat" / "broker" / "redis" / "broker.py").is_file()
     assert (site / "rtchat" / "bench" / "__main__.py").is_file()
+    assert (site / "rtchat" / "admin" / "static" / "admin.js").is_file()  # the admin page's script
     # Only the installed copy is importable: the source tree is not on the path.
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
@@ -89,6 +90,8 @@ def test_installed_wheel_serves_the_chat_page(tmp_path, spawn_node) -> None:
     status, page = http_get(node.url + "/rooms/lobby")
     assert status == 200
     assert b"EventSource" in page and b"#lobby" in page
+    status, script = http_get(node.url + "/static/admin.js")
+    assert status == 200 and b"initial-status" in script
 
 
 @pytest.mark.parametrize("args", [["--port", "notaport"], ["--bogus"]])

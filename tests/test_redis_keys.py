@@ -13,6 +13,8 @@ def test_names_under_the_prefix() -> None:
     # The heartbeat key, its pattern and another node's key come from one spelling.
     assert k.own_node == k.node("node-a") == "p:node:node-a"
     assert k.node_pattern == "p:node:*" and k.node("node-b") == "p:node:node-b"
+    # Cluster-wide records; neither matches the heartbeat pattern.
+    assert k.members == "p:members" and k.failovers == "p:failovers"
 
 
 def test_the_publish_script_ships_next_to_its_module() -> None:

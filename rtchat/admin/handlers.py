@@ -1,6 +1,8 @@
-"""The admin handlers: the page, its status JSON, its live event stream, the disconnect action.
+"""The admin handlers: the page, its script, its status JSON, its live event stream, the
+disconnect action.
 
-Every handler here runs :meth:`AdminAccess.prepare` first: HTTP Basic with
+Every handler here but the script's (which holds no data) runs
+:meth:`AdminAccess.prepare` first: HTTP Basic with
 ``admin.username``/``admin.password`` (401 with a challenge otherwise, failed
 logins throttled per client with 429), or, with no password configured,
 loopback clients only (403 otherwise). With ``admin.enabled: false`` these
@@ -14,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tornado.iostream import StreamClosedError
@@ -141,68 +144,38 @@ class AdminAccess(BaseHandler):
         return await build_status(self.ctx.hub, self.admin.sampler, self.ctx.version)
 
 
-class PageFormat:
-    """How the server-rendered page shows values; the page's script mirrors these on update."""
-
-    DASH = "\u2014"
-
-    @staticmethod
-    def clock(ts: float | None) -> str:
-        return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else PageFormat.DASH
-
-    @staticmethod
-    def duration(seconds: float | None) -> str:
-        s = max(0, int(seconds or 0))
-        d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-        if d:
-            return f"{d}d {h}h"
-        if h:
-            return f"{h}h {m}m"
-        return f"{m}m {s % 60}s" if m else f"{s % 60}s"
-
-    @staticmethod
-    def ago(seconds: float | None) -> str:
-        if seconds is None:
-            return PageFormat.DASH
-        return "just now" if seconds < 1 else f"{PageFormat.duration(seconds)} ago"
-
-    @staticmethod
-    def ms(value: float | None) -> str:
-        return PageFormat.DASH if value is None else f"{value:.1f} ms"
-
-    @staticmethod
-    def yes_no(value: bool | None) -> str:
-        return "not checked" if value is None else "yes" if value else "no"
-
-    @staticmethod
-    def role(ep: dict[str, Any]) -> str:
-        configured, actual = ep.get("configured_role") or "?", ep.get("role")
-        if actual and actual != configured and not (configured == "replica" and actual == "slave"):
-            return f"{configured} (now {actual})"
-        return configured
-
-    # A server that cannot be reached has no current link or lag: do not show the last ones seen.
-    @staticmethod
-    def link(ep: dict[str, Any]) -> str:
-        if ep.get("reachable") is False:
-            return "unknown"
-        return ep.get("master_link_status") or PageFormat.DASH
-
-    @staticmethod
-    def lag(ep: dict[str, Any]) -> str:
-        lag_bytes, lag_seconds = ep.get("lag_bytes"), ep.get("lag_seconds")
-        if ep.get("reachable") is False or (lag_bytes is None and lag_seconds is None):
-            return PageFormat.DASH
-        b = PageFormat.DASH if lag_bytes is None else str(lag_bytes)
-        s = PageFormat.DASH if lag_seconds is None else f"{lag_seconds:.2f} s"
-        return f"{b} B \u00b7 {s}"
-
-
 class AdminPageHandler(AdminAccess, PageHandler):
-    """``GET /admin``: the page, rendered with the current snapshot, then kept live by script."""
+    """``GET /admin``: the page's shell and the current snapshot as JSON.
+
+    Everything on the page is drawn by one script, ``/static/admin.js``, from
+    that snapshot and then from each one on ``/admin/api/events``: one render
+    path, so a new column is one edit.
+    """
 
     async def get(self) -> None:
-        self.render_page("admin.html", status=await self.status(), fmt=PageFormat)
+        self.render_page("admin.html", status=await self.status())
+
+
+class AdminScriptHandler(BaseHandler):
+    """``GET /static/admin.js``: the admin page's script, read once from the package.
+
+    It holds no data, so it needs no login (the page and its JSON do). Revalidated
+    on every load (an ETag, ``no-cache``) so an upgrade never runs an old script.
+    """
+
+    def initialize(self, ctx: AppContext, body: bytes) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.body = body
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(self.body)
+
+
+def admin_script() -> bytes:
+    """The page's script, shipped inside the package (``rtchat/admin/static/admin.js``)."""
+    return (Path(__file__).resolve().parent / "static" / "admin.js").read_bytes()
 
 
 class AdminStatusHandler(AdminAccess, ApiHandler):
@@ -339,4 +312,5 @@ def admin_routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/admin/api/clients/([^/]+)/kick", ClientKickHandler, args),
         (r"/admin/api/users/([^/]+)/ban", UserBanHandler, args),
         (r"/admin/api/bans", BansHandler, args),
+        (r"/static/admin\.js", AdminScriptHandler, {"ctx": ctx, "body": admin_script()}),
     ]

@@ -1,14 +1,15 @@
 """The admin page's two pictures as plain data: the topology and the throughput sparkline.
 
 Owns the topology layout (three columns: nodes -> replicas -> master, with
-every link coloured by health) and the sparkline's polyline points, so the
-server-rendered SVG and the live JavaScript redraw draw exactly the same
-thing and neither knows the rules. Pure: input is the node list and the broker's
+every link coloured by health) and the sparkline's polyline points and
+scale, so the admin page's script draws what it is given and holds none of
+the rules. Pure: input is the node list and the broker's
 ``BrokerStatus``; output is plain JSON-ready data.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -154,13 +155,26 @@ SPARK_W = 240
 SPARK_H = 48
 
 
-def sparkline(series_in: Sequence[float], series_out: Sequence[float], slots: int
-              ) -> dict[str, Any]:
+def _nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^n at or above ``value``: a scale's top a person reads."""
+    if value <= 1:
+        return 1.0
+    magnitude = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        if step * magnitude >= value - 1e-9:
+            return float(step * magnitude)
+    return float(10 * magnitude)  # pragma: no cover - the loop always returns
+
+
+def sparkline(series_in: Sequence[float], series_out: Sequence[float], slots: int,
+              interval: float = 1.0) -> dict[str, Any]:
     """SVG polyline ``points`` for msgs in/out per second on one shared scale, newest at the right.
 
     ``slots`` is the ring buffer's size, so a young node's line grows from the right edge.
+    The scale's top is a round number at or above the peak; ``scale`` gives the value lines
+    (``value``, ``y``) and ``span_seconds`` the time the x axis covers.
     """
-    peak = max([*series_in, *series_out, 1.0])
+    peak = _nice_ceiling(max([*series_in, *series_out, 1.0]))
     step = SPARK_W / max(1, slots - 1)
 
     def points(values: Sequence[float]) -> str:
@@ -169,5 +183,10 @@ def sparkline(series_in: Sequence[float], series_out: Sequence[float], slots: in
             f"{(start + i) * step:.1f},{SPARK_H - 2 - v / peak * (SPARK_H - 4):.1f}"
             for i, v in enumerate(values))
 
+    top, bottom = 2.0, SPARK_H - 2.0
+    scale = [{"value": round(peak * f, 2), "y": round(bottom - f * (bottom - top), 1)}
+             for f in (1.0, 0.5, 0.0)]
     return {"width": SPARK_W, "height": SPARK_H, "peak": round(peak, 2),
+            "max": round(max([*series_in, *series_out, 0.0]), 2), "scale": scale,
+            "span_seconds": round(max(1, slots - 1) * interval, 1),
             "in": points(series_in), "out": points(series_out)}

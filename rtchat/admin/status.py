@@ -1,8 +1,12 @@
 """The admin status snapshot: one JSON document the admin page renders from.
 
 Owns the shape of ``GET /admin/api/status`` (and of each ``/admin/api/events``
-snapshot): ``node``, ``cluster``, ``clients``, ``redis``, ``ready`` and the
-``topology`` layout. It reads the hub and the broker through their public
+snapshot): ``verdict`` (the cluster in one word, with reasons: the same on
+every node), ``node``, ``cluster`` (live nodes, and ``missing`` ones gone
+without leaving), ``rooms`` (across the cluster), ``clients``, ``redis``
+(with ``cluster_failovers``, every node's switches), ``ready`` and the
+``topology`` layout. The page's one script (``admin/static/admin.js``)
+renders all of it. It reads the hub and the broker through their public
 methods and knows nothing of HTTP.
 """
 
@@ -15,11 +19,13 @@ from typing import Any
 
 from rtchat.admin.pictures import sparkline, topology
 from rtchat.admin.sampler import ThroughputSampler
+from rtchat.broker.activity import rooms_view
 from rtchat.hub import Hub
 
 log = logging.getLogger("rtchat.admin")
 
 MAX_CLIENTS_LISTED = 1000  # a full node has 20000; the page lists the oldest this many
+MAX_ROOMS_LISTED = 200  # the cluster's busiest rooms
 EMBEDDED_NOTE = "embedded broker: history and delivery live in this process; no Redis is configured"
 
 
@@ -44,7 +50,8 @@ async def build_status(hub: Hub, sampler: ThroughputSampler, version: str) -> di
         "broker": broker.kind,
         **rates,
     }
-    node["sparkline"] = sparkline(rates["series"]["in"], rates["series"]["out"], sampler.slots)
+    node["sparkline"] = sparkline(rates["series"]["in"], rates["series"]["out"], sampler.slots,
+                                  sampler.interval)
 
     cluster_error = None
     try:
@@ -71,10 +78,17 @@ async def build_status(hub: Hub, sampler: ThroughputSampler, version: str) -> di
         redis["note"] = EMBEDDED_NOTE
 
     reasons = (["draining"] if hub.draining else []) + list(broker.readiness())
+    rooms = rooms_view(nodes)
+    for n in nodes:  # what the verdict and the rooms view are made of, not shown per node
+        n.pop("view", None)
+        n.pop("room_stats", None)
     return {
         "generated_at": now,
+        "verdict": broker_status.verdict.to_dict(),
         "node": node,
-        "cluster": {"nodes": nodes, "error": cluster_error},
+        "cluster": {"nodes": nodes, "error": cluster_error,
+                    "missing": [dict(n) for n in broker_status.missing_nodes]},
+        "rooms": {"count": len(rooms), "listed": rooms[:MAX_ROOMS_LISTED]},
         "clients": {"count": len(streams), "listed": clients,
                     "truncated": len(streams) > len(clients)},
         "redis": redis,

@@ -110,6 +110,8 @@ class EndpointStatus:
     last_error: str | None
     healthy: bool
     subscribed: bool  # this node's subscription is on it
+    down_since: float | None = None  # unix time this node first saw it unhealthy; None = healthy
+    problem: str | None = None  # why it is unhealthy now (None when healthy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +123,32 @@ class Failover:
     to: str
     reason: str
     recovered: int  # messages replayed from the streams after the switch
+    node: str = ""  # the node whose subscription moved
 
     def to_dict(self) -> dict[str, Any]:
         return {"at": self.at, "from": self.from_, "to": self.to, "reason": self.reason,
-                "recovered": self.recovered}
+                "recovered": self.recovered, "node": self.node}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Failover:
+        return cls(at=float(d["at"]), from_=str(d.get("from") or ""), to=str(d.get("to") or ""),
+                   reason=str(d.get("reason") or ""), recovered=int(d.get("recovered") or 0),
+                   node=str(d.get("node") or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The cluster in one word, with the reasons: ``healthy``, ``degraded`` or ``down``.
+
+    Judged by ``rtchat.broker.verdict.judge`` from what every node shares; the
+    embedded broker is one node with nothing to go wrong between nodes: healthy.
+    """
+
+    state: str = "healthy"
+    reasons: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "reasons": list(self.reasons)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,15 +162,23 @@ class BrokerStatus:
     master: str | None
     subscribed_endpoint: str | None
     endpoints: tuple[EndpointStatus, ...] = ()
-    failovers: tuple[Failover, ...] = ()  # oldest first, the last FAILOVER_HISTORY
-    failover_count: int = 0  # every switch since start, not only those kept
+    failovers: tuple[Failover, ...] = ()  # this node's, oldest first, the last FAILOVER_HISTORY
+    failover_count: int = 0  # every switch of this node since start, not only those kept
+    # Every node's switches, as kept in Redis (capped), oldest first: the same on every node.
+    cluster_failovers: tuple[Failover, ...] = ()
+    verdict: Verdict = field(default_factory=Verdict)
+    # Nodes gone without leaving: ``{"id", "last_seen"}``, listed until forgotten.
+    missing_nodes: tuple[Mapping[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "master": self.master,
                 "subscribed_endpoint": self.subscribed_endpoint,
                 "endpoints": [asdict(ep) for ep in self.endpoints],
                 "failovers": [f.to_dict() for f in self.failovers],
-                "failover_count": self.failover_count}
+                "failover_count": self.failover_count,
+                "cluster_failovers": [f.to_dict() for f in self.cluster_failovers],
+                "verdict": self.verdict.to_dict(),
+                "missing_nodes": [dict(n) for n in self.missing_nodes]}
 
 
 FROM_START = "0-0"  # a resume id meaning "everything the room holds": no message has this id

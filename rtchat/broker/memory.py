@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtchat.broker.activity import RoomActivity
 from rtchat.broker.base import (
     Ban,
     BrokerStatus,
@@ -60,6 +61,7 @@ class MemoryBroker:
         self._next_sweep = time.monotonic() + self._sweep_interval()
         self._sweeper: asyncio.Task[None] | None = None
         self._bans: dict[str, Ban] = {}
+        self._activity = RoomActivity()
 
     def _sweep_interval(self) -> float:
         return min(60.0, max(0.5, min(self._ttl, self._dedup_seconds) / 4))
@@ -131,6 +133,7 @@ class MemoryBroker:
         )
         state.messages.append(msg)
         state.touched = time.monotonic()
+        self._activity.note(room)
         if key is not None:
             self._keys[(room, key)] = (state.touched + self._dedup_seconds, digest, msg)
         if room in self._subscribed and self._deliver is not None:
@@ -194,6 +197,8 @@ class MemoryBroker:
         stats.setdefault("pid", os.getpid())
         stats["last_seen"] = time.time()
         stats["endpoint"] = "embedded"
+        stats["room_stats"] = self._activity.rooms(
+            {room: sum(nicks.values()) for room, nicks in self._presence.items()})
         return [stats]
 
     def readiness(self) -> list[str]:

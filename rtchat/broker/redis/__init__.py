@@ -10,7 +10,9 @@ Split by the state each part owns; ``broker.RedisBroker`` ties them together:
 * ``delivery``      per room, the last delivered id: ``prev``-chain order and gap fill
 * ``publish``       the Lua script (``publish.lua``) and ``WAIT``
 * ``history``       the stream reads
-* ``cluster``       heartbeats and presence
+* ``cluster``       heartbeats, members and presence
+* ``failovers``     this node's switches, and every node's kept in Redis
+* ``clusterview``   what the heartbeat carries, the cluster read back, the verdict
 * ``broker``        lifecycle, health round, switches, readiness, status
 
 Imports run one way: ``keys`` and ``endpoint`` are leaves, ``sentinel``

@@ -2,17 +2,18 @@
 
 Owns the lifecycle (start, the monitor's health round, close), the rooms
 this node subscribes to, the subscription and its moves between endpoints
-(a switch resubscribes every room and replays what it missed), the failover
-history, readiness and status. The rest is delegated to the modules beside
+(a switch resubscribes every room and replays what it missed), readiness,
+the cluster verdict and status. The rest is delegated to the modules beside
 it (see the package docstring), each owning its own state.
 
 The health round, every ``health_interval_seconds``: ``PING`` and ``INFO
 replication`` on each endpoint, a probe published on the master that must
 come back on this node's subscription within ``max_replica_lag_seconds``,
-the verdict (a lost connection counts at once; lag, link and probe trouble
-must last two checks), a switch if the subscription's endpoint failed, and
-the heartbeat. It knows the Broker protocol and the config, never tornado
-or the hub.
+the verdict on each endpoint (a lost connection counts at once; lag, link
+and probe trouble must last two checks), a switch if the subscription's
+endpoint failed, the heartbeat, and the cluster read back and judged
+(``clusterview``). It knows the Broker protocol and the config, never
+tornado or the hub.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +40,7 @@ from rtchat.broker.base import (
     Replay,
 )
 from rtchat.broker.redis.bans import BanList
-from rtchat.broker.redis.cluster import ClusterState
+from rtchat.broker.redis.clusterview import ClusterView
 from rtchat.broker.redis.delivery import Delivery, RoomState
 from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text
 from rtchat.broker.redis.history import History, read_order
@@ -54,7 +54,6 @@ from rtchat.messages import Message
 
 log = logging.getLogger("rtchat.broker.redis")
 
-FAILOVER_HISTORY = 50
 SWITCH_BACK_CHECKS = 3  # clean checks in a row before leaving the master for a replica
 CATCH_UP_PER_ROOM = 0.005  # seconds a switch allows per room for its catch-up read
 
@@ -82,16 +81,14 @@ class RedisBroker:
         self._publisher = Publisher(self.keys, cfg.history.size, cfg.history.ttl_seconds,
                                     self.rc.replica_ack_timeout_ms, cfg.history.dedup_seconds)
         self._bans = BanList(self.keys)
-        self._cluster = ClusterState(self.keys, max(3, math.ceil(3 * interval)),
-                                     self._check_timeout)
+        self._cluster = ClusterView(self.keys, max(3, math.ceil(3 * interval)),
+                                    self._check_timeout, self.rc.max_replica_lag_seconds)
         self._delivery = Delivery()
         self._sub: Subscription | None = None
         self._lost_from: str | None = None  # the endpoint a dead subscription was on
         self._lost_reason = ""
         self._sub_lock = asyncio.Lock()
         self._rooms: dict[str, RoomState] = {}
-        self._failovers: deque[Failover] = deque(maxlen=FAILOVER_HISTORY)
-        self._failover_count = 0
         self._monitor: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._background: set[asyncio.Future[None]] = set()
@@ -107,7 +104,7 @@ class RedisBroker:
         if self._started:
             return
         self._delivery.deliver = deliver
-        self._cluster.node_stats = node_stats
+        self._cluster.state.node_stats = node_stats
         self._wakeup = asyncio.Event()
         rc = self.rc
         if rc.sentinel is not None:
@@ -142,7 +139,7 @@ class RedisBroker:
                 state.ready.cancel()
         master = self._topology.master
         if master is not None and self._started and master.reachable:
-            await self._cluster.leave(master)
+            await self._cluster.state.leave(master)
         for ep in endpoints:
             await ep.aclose()
         if self._sentinel is not None:
@@ -177,12 +174,15 @@ class RedisBroker:
         if self._publisher.wait_ms > 0:
             wait = self._topology.acks_to_wait(all_online=self._sentinel is not None)
         try:
-            return await self._publisher.publish(master, room, nick, text, wait, key, user)
+            published = await self._publisher.publish(master, room, nick, text, wait, key, user)
         except BrokerUnavailable as e:
             if isinstance(e, MasterReadOnly):
                 self._topology.dirty = True  # the master was demoted: ask Sentinel now
             self.wake_monitor()
             raise
+        if not published.duplicate:
+            self._cluster.activity.note(room)
+        return published
 
     async def history(self, room: str, limit: int) -> list[Message]:
         return await self._history.last(self._read_endpoints(), room, limit)
@@ -325,7 +325,9 @@ class RedisBroker:
         topology.judge(now, self._endpoints(), sub.endpoint if overdue and sub else None)
         if sentinel is not None:
             topology.follow_promotion()
-        await self._send_probe()
+        sub = self._sub
+        if sub is not None and topology.master is not None:
+            await sub.send_probe(topology.master, self._check_timeout)
         await self._maybe_switch()
         await self._heartbeat()
 
@@ -417,29 +419,27 @@ class RedisBroker:
         if from_url is None:
             log.info("subscribed on %s (%d rooms)", target.label, len(self._rooms))
         else:
-            record = Failover(at=started, from_=mask_url(from_url), to=target.label,
-                              reason=reason, recovered=sub.replayed)
-            self._failovers.append(record)
-            self._failover_count += 1
+            record = self._cluster.record(Failover(
+                at=started, from_=mask_url(from_url), to=target.label, reason=reason,
+                recovered=sub.replayed, node=self.node_id))
             log.warning("subscription moved from %s to %s (%s); %d messages recovered from history",
                         record.from_, record.to, reason, record.recovered)
         return True
 
-    async def _send_probe(self) -> None:
-        sub, master = self._sub, self._topology.master
-        if sub is not None and master is not None:
-            await sub.send_probe(master, self.keys.probe_channel, self._check_timeout)
-
     # -- cluster state: heartbeats and presence -------------------------------------------------
+
+    def _share(self) -> dict[str, Any]:
+        sub = self._sub
+        return self._cluster.share(sub.endpoint.label if sub is not None and sub.alive else None,
+                                   self.status().endpoints, self.readiness())
 
     async def _heartbeat(self) -> None:
         master = self._topology.master
-        if master is None or not master.reachable:
-            return
-        sub = self._sub
-        await self._cluster.heartbeat(
-            master, sub.endpoint.label if sub is not None and sub.alive else None)
-        await self._bans.refresh(master)
+        if master is not None and master.reachable:
+            await self._cluster.beat(master, self._share())
+        await self._cluster.observe(self._read_endpoints(), master, self._share())
+        if master is not None and master.reachable:
+            await self._bans.refresh(master)
 
     async def ban(self, ban: Ban) -> None:
         await self._bans.add(self._topology.master, ban)
@@ -455,17 +455,17 @@ class RedisBroker:
 
     async def set_presence(self, room: str, nicks: Mapping[str, int]) -> None:
         """Record this node's clients in ``room``; kept locally and rewritten every heartbeat."""
-        await self._cluster.set_presence(self._topology.master, room, nicks)
+        await self._cluster.state.set_presence(self._topology.master, room, nicks)
 
     async def presence(self, room: str) -> Presence:
         """Presence summed over nodes whose heartbeat is alive (a dead node's clients drop off)."""
-        return await self._cluster.presence(self._read_endpoints(), self._topology.master, room)
+        return await self._cluster.state.presence(self._read_endpoints(), self._topology.master,
+                                                  room)
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         """Every node with a live heartbeat; this node alone when Redis cannot answer."""
-        sub = self._sub
-        return await self._cluster.nodes(self._read_endpoints(),
-                                         sub.endpoint.label if sub is not None else None)
+        return await self._cluster.nodes(self._read_endpoints(), self._topology.master,
+                                         self._share())
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -490,6 +490,9 @@ class RedisBroker:
             master=master.label if master is not None else None,
             subscribed_endpoint=sub_ep.label if sub_ep is not None else None,
             endpoints=tuple(ep.snapshot(ep is sub_ep) for ep in self._endpoints()),
-            failovers=tuple(self._failovers),
-            failover_count=self._failover_count,
+            failovers=tuple(self._cluster.failovers.local),
+            failover_count=self._cluster.failovers.count,
+            cluster_failovers=self._cluster.failovers.shown(),
+            verdict=self._cluster.verdict,
+            missing_nodes=self._cluster.missing_nodes(),
         )

@@ -3,9 +3,13 @@
 Owns this node's presence (nick -> open streams, per room; rewritten with
 every heartbeat so it outlives a master restart) and the reads of everyone
 else's: ``<prefix>node:<id>`` is a TTL'd heartbeat (the node's stats, what
-it reads from, when it was last seen), ``<prefix>presence:<room>`` a hash
-with one field per node. A node whose heartbeat expired drops out of
-presence at once, and its fields are cleaned up by the next reader.
+it reads from, its view of every endpoint, its rooms, when it was last
+seen), ``<prefix>presence:<room>`` a hash with one field per node. A node
+whose heartbeat expired drops out of presence at once, and its fields are
+cleaned up by the next reader. ``<prefix>members`` remembers when each node
+last beat, so a node gone without leaving (killed, cut off) is listed as
+missing for ``MISSING_KEPT_SECONDS`` rather than silently forgotten; a
+graceful leave removes it at once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from redis.exceptions import RedisError
 from rtchat.broker.base import BrokerUnavailable, NodeStats, Presence
 from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, read_first
 from rtchat.broker.redis.keys import Keys
+from rtchat.broker.verdict import MISSING_KEPT_SECONDS
 
 log = logging.getLogger("rtchat.broker.redis")
 
@@ -40,26 +45,35 @@ class ClusterState:
         self._presence: dict[str, dict[str, int]] = {}
         self.node_stats: NodeStats | None = None
 
-    def _stats(self, endpoint: str | None) -> dict[str, Any]:
-        stats: dict[str, Any] = {}
-        if self.node_stats is not None:
-            stats = dict(self.node_stats())
-        stats.update(id=self._node_id, last_seen=time.time(), endpoint=endpoint)
-        return stats
+    @property
+    def ttl(self) -> int:
+        return self._ttl
 
-    async def heartbeat(self, master: EndpointHealth, endpoint: str | None) -> None:
-        """Write this node's heartbeat (``endpoint``: what it reads from) and its presence."""
+    def local_clients(self) -> dict[str, int]:
+        """This node's open streams per room, as its presence records them."""
+        return {room: sum(nicks.values()) for room, nicks in self._presence.items()}
+
+    def stats(self, extra: Mapping[str, Any]) -> dict[str, Any]:
+        """This node's heartbeat: ``node_stats()`` plus ``extra`` (what it reads from, its view,
+        its rooms), its id and the time."""
         stats: dict[str, Any] = {}
         if self.node_stats is not None:
             try:
                 stats = dict(self.node_stats())
             except Exception:
                 log.exception("node_stats() failed")
-        stats.update(id=self._node_id, last_seen=time.time(), endpoint=endpoint)
+        stats.update(extra)
+        stats.update(id=self._node_id, last_seen=time.time())
+        return stats
+
+    async def heartbeat(self, master: EndpointHealth, extra: Mapping[str, Any]) -> None:
+        """Write this node's heartbeat (see ``stats``), its membership and its presence."""
+        stats = self.stats(extra)
         ttl = self._ttl
         try:
             async with master.client.pipeline(transaction=False) as pipe:
                 pipe.set(self._keys.own_node, json.dumps(stats, default=str), ex=ttl)
+                pipe.hset(self._keys.members, self._node_id, repr(stats["last_seen"]))
                 for room, nicks in self._presence.items():
                     pkey = self._keys.presence(room)
                     pipe.hset(pkey, self._node_id, json.dumps(nicks))
@@ -73,6 +87,7 @@ class ClusterState:
         with contextlib.suppress(Exception):
             async with master.client.pipeline(transaction=False) as pipe:
                 pipe.delete(self._keys.own_node)
+                pipe.hdel(self._keys.members, self._node_id)
                 for room in self._presence:
                     pipe.hdel(self._keys.presence(room), self._node_id)
                 await asyncio.wait_for(pipe.execute(), SOCKET_TIMEOUT)
@@ -130,20 +145,24 @@ class ClusterState:
                 await master.client.hdel(pkey, *dead)
         return Presence(count=sum(total.values()), nicks=sorted(n for n in total if n))
 
-    async def nodes(self, eps: list[EndpointHealth], endpoint: str | None
-                    ) -> list[dict[str, Any]]:
-        """Every node with a live heartbeat; this node alone (reading ``endpoint``) when Redis
-        cannot answer."""
+    async def nodes(self, eps: list[EndpointHealth], master: EndpointHealth | None,
+                    extra: Mapping[str, Any]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every node with a live heartbeat, and every member gone without leaving (``missing:
+        True``, with its ``last_seen``); this node alone (see ``stats``) when Redis cannot
+        answer. Members missing longer than ``MISSING_KEPT_SECONDS`` are forgotten."""
         pattern = self._keys.node_pattern
+        members_key = self._keys.members
 
-        async def read(client: aioredis.Redis) -> list[Any]:
+        async def read(client: aioredis.Redis) -> tuple[list[Any], dict[str, str]]:
             keys = [k async for k in client.scan_iter(match=pattern, count=500)]
-            return await client.mget(keys) if keys else []
+            values = await client.mget(keys) if keys else []
+            return values, await client.hgetall(members_key)
 
         try:
-            values = await read_first(eps, read)
+            values, members = await read_first(eps, read)
         except BrokerUnavailable:
-            return [self._stats(endpoint)]
+            return [self.stats(extra)], []
         nodes = []
         for v in values:
             if v is None:
@@ -152,4 +171,23 @@ class ClusterState:
                 nodes.append(json.loads(v))
             except ValueError:
                 continue
-        return sorted(nodes, key=lambda n: str(n.get("id", "")))
+        live = {str(n.get("id", "")) for n in nodes}
+        now = time.time()
+        missing, forgotten = [], []
+        for node_id, seen in members.items():
+            if node_id in live or node_id == self._node_id:
+                continue
+            try:
+                last_seen = float(seen)
+            except ValueError:
+                last_seen = 0.0
+            if now - last_seen > MISSING_KEPT_SECONDS:
+                forgotten.append(node_id)
+            else:
+                missing.append({"id": node_id, "last_seen": last_seen, "missing": True,
+                                "endpoint": None})
+        if forgotten and master is not None and master.reachable:
+            with contextlib.suppress(RedisError, OSError):
+                await master.client.hdel(members_key, *forgotten)
+        by_id = lambda n: str(n.get("id", ""))  # noqa: E731
+        return sorted(nodes, key=by_id), sorted(missing, key=by_id)

@@ -113,6 +113,7 @@ class EndpointHealth:
         self.bad_since = 0.0  # when that run of trouble began
         self.soft_down = False  # trouble held for two checks and a health interval
         self.good_checks = 0  # clean checks in a row
+        self.down_since: float | None = None  # unix time it turned unhealthy (None: healthy)
 
     @property
     def label(self) -> str:
@@ -121,6 +122,13 @@ class EndpointHealth:
     @property
     def healthy(self) -> bool:
         return self.checked and bool(self.reachable) and not self.hard_down and not self.soft_down
+
+    def track_down(self, wall: float) -> None:
+        """Note when it turned unhealthy (once per outage), or that it is healthy again."""
+        if self.healthy or not self.checked:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = wall
 
     def writer(self, wait_ms: int) -> aioredis.Redis:
         """The publishing client: no retries at all, so a script never runs twice."""
@@ -209,6 +217,9 @@ class EndpointHealth:
             ping_ms=None if self.ping_ms is None else round(self.ping_ms, 3),
             probe_ms=None if self.probe_ms is None else round(self.probe_ms, 3),
             last_error=self.last_error, healthy=self.healthy, subscribed=subscribed,
+            down_since=self.down_since,
+            problem=None if self.healthy else (
+                "unreachable" if self.reachable is False else self.problem or self.last_error),
         )
 
     async def aclose(self) -> None:

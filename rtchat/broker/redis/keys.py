@@ -9,6 +9,8 @@ All names start with ``redis.key_prefix``:
 * ``<prefix>presence:<room>`` per-room presence hash (field = node id)
 * ``<prefix>idem:<room>:<key>`` an idempotency key's first answer (TTL'd hash)
 * ``<prefix>bans``            banned users (hash: user -> JSON with until, reason, by)
+* ``<prefix>members``         node id -> its last heartbeat time: who should be alive
+* ``<prefix>failovers``       every node's subscription switches (a capped list, newest first)
 
 Pure: no I/O, no redis import.
 """
@@ -64,3 +66,11 @@ class Keys:
 
     def idempotency(self, room: str, key: str) -> str:
         return f"{self.prefix}idem:{room}:{key}"
+
+    @property
+    def members(self) -> str:
+        return f"{self.prefix}members"
+
+    @property
+    def failovers(self) -> str:
+        return f"{self.prefix}failovers"

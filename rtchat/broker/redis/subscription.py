@@ -133,13 +133,13 @@ class Subscription:
 
     # -- the probe -------------------------------------------------------------------
 
-    async def send_probe(self, master: EndpointHealth, channel: str, timeout: float) -> None:
-        """Publish a probe on the master; it must come back here within the lag limit."""
+    async def send_probe(self, master: EndpointHealth, timeout: float) -> None:
+        """Publish a probe on the master; it must come back on this subscription."""
         if not self.can_probe or not master.reachable:
             return
         sent = time.monotonic()
         try:
-            await asyncio.wait_for(master.client.publish(channel, repr(sent)), timeout)
+            await asyncio.wait_for(master.client.publish(self._probe_channel, repr(sent)), timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             master.note_failure(e)
             return

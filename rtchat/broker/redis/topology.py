@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -161,6 +162,9 @@ class Topology:
                 # Two checks in a row, and a health interval apart: extra checks that a
                 # wake-up brought on must not make a blip look lasting.
                 ep.soft_down = ep.bad_checks >= 2 and now - ep.bad_since >= self.interval * 0.9
+        wall = time.time()
+        for ep in eps:
+            ep.track_down(wall)
 
     def _replica_problem(self, ep: EndpointHealth, master: EndpointHealth | None, now: float,
                          max_lag: float) -> str | None:
