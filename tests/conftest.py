@@ -135,14 +135,18 @@ class NodeProcess:
 
 @pytest.fixture
 def spawn_node(tmp_path: Any) -> Iterator[Callable[..., NodeProcess]]:
-    """``spawn_node(env={...}, args=[...])``: run ``python -m rtchat`` on a free port, wait for /healthz."""
+    """``spawn_node(env={...}, args=[...])``: run ``python -m rtchat`` on a free port, wait for /healthz.
+
+    ``port=`` starts it on a given port instead: a node restarted where its clients
+    left it (spawn again with ``port=node.port`` once the old process has exited).
+    """
     procs: list[NodeProcess] = []
 
     def spawn(env: dict[str, str] | None = None, args: list[str] | None = None,
               wait: bool = True, cwd: str | None = None, python: str = sys.executable,
-              extra_path: str | None = None) -> NodeProcess:
-        port = free_port()
-        log_path = str(tmp_path / f"node-{port}.log")
+              extra_path: str | None = None, port: int | None = None) -> NodeProcess:
+        port = port or free_port()
+        log_path = str(tmp_path / f"node-{port}-{len(procs)}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RTCHAT_")}
         full_env.update({"RTCHAT_NODE__ID": f"node-{port}", "RTCHAT_LOGGING__LEVEL": "info"})
         if extra_path is not None:
