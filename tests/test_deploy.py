@@ -433,6 +433,51 @@ def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
     assert "test is successful" in result.stderr
 
 
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat.example.com")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_nginx_tls_http2_example_is_valid_as_written(tmp_path: Path) -> None:
+    """The commented TLS + HTTP/2 server block, uncommented, passes nginx -t beside the rest."""
+    nginx = require_tool("nginx")
+    text = nginx_conf(free_port(), (free_port(), free_port()), tmp_path)
+    lines = text.splitlines()
+    start = lines.index("    # server {")
+    end = lines.index("    # }", start)
+    block = [line.replace("    # ", "    ", 1) if line.strip() != "#" else "" for line in
+             lines[start:end + 1]]
+    assert any("http2" in line for line in block) and any("ssl_certificate " in line for line in block)
+    cert, key = _self_signed(tmp_path)
+    tls = "\n".join(block).replace("listen 443 ssl http2;", f"listen 127.0.0.1:{free_port()} ssl http2;")
+    tls = tls.replace("/etc/nginx/tls/fullchain.pem", str(cert)).replace(
+        "/etc/nginx/tls/privkey.pem", str(key))
+    closing = text.rstrip().rfind("}")
+    conf = tmp_path / "nginx-tls.conf"
+    conf.write_text(text.rstrip()[:closing] + tls + "\n}\n")
+    result = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(conf)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
 def test_haproxy_accepts_the_shipped_config(tmp_path: Path) -> None:
     haproxy = require_tool("haproxy")
     cfg = tmp_path / "haproxy.cfg"
