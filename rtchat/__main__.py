@@ -134,7 +134,7 @@ def run(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="rtchat",
         description="Run an rtchat node. Subcommands: 'rtchat check-config PATH', "
-                    "'rtchat hash-password', 'rtchat bench ...'.")
+                    "'rtchat token ...', 'rtchat hash-password', 'rtchat bench ...'.")
     parser.add_argument("--config", help="YAML config file (default: $RTCHAT_CONFIG, else built-in)")
     parser.add_argument("--host", help="listen address (overrides http.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides http.port)")

@@ -177,6 +177,16 @@ class Hub:
                 kicked += 1
         return kicked
 
+    def _new_stream(self, room: str, rooms: tuple[str, ...], nick: str, remote: str,
+                    user_agent: str, user: str, expires: float | None) -> Stream:
+        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready,
+                        max_bytes=self.cfg.sse.max_buffer_bytes, rooms=rooms)
+        if user:
+            stream.user = user  # a ban names the identity, not the address
+        if expires:
+            stream.expires = expires
+        return stream
+
     @contextlib.asynccontextmanager
     async def connect(self, room: str, nick: str, remote: str, user_agent: str,
                       last_event_id: str = "", user: str = "",
@@ -188,12 +198,7 @@ class Hub:
         already covers are skipped. Raises BrokerUnavailable when the room cannot
         be subscribed or its history read.
         """
-        stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready,
-                        max_bytes=self.cfg.sse.max_buffer_bytes)
-        if user:
-            stream.user = user
-        if expires:
-            stream.expires = expires
+        stream = self._new_stream(room, (), nick, remote, user_agent, user, expires)
         await self._join(stream)
         try:
             if last_event_id:
@@ -218,12 +223,7 @@ class Hub:
         cursor this server did not write; BrokerUnavailable as for ``connect``.
         """
         resumed = cursor_mod.decode(last_event_id, rooms) if last_event_id else {}
-        stream = Stream(rooms[0], nick, remote, user_agent, self.cfg.sse.max_queue,
-                        self._stream_ready, max_bytes=self.cfg.sse.max_buffer_bytes, rooms=rooms)
-        if user:
-            stream.user = user
-        if expires:
-            stream.expires = expires
+        stream = self._new_stream(rooms[0], rooms, nick, remote, user_agent, user, expires)
         await self._join(stream)
         try:
             stream.head = await catch_up_rooms(self.broker, stream, resumed)
