@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +69,9 @@ class Stream:
         self.close_reason = ""
         # Called (once) when the stream must drop its connection without a goodbye.
         self.abort: Callable[[], None] | None = None
-        self._queue: deque[tuple[bytes, str | None]] = deque()
+        # A list, not a deque: it is emptied whole, never popped from the left, and an
+        # empty deque costs ~760 bytes per idle stream where an empty list costs 56.
+        self._queue: list[tuple[bytes, str | None]] = []
         self._queued_bytes = 0
         self._inflight = 0  # bytes handed to the sink and not yet written out
         self.write_started = 0.0  # when the write in flight last made progress (0.0: none)
@@ -147,8 +148,7 @@ class Stream:
         """Drop queued and future messages up to ``message_id``: the catch-up already sent them."""
         key = id_key(message_id)
         self._key_skip = key
-        self._queue = deque(
-            (f, mid) for f, mid in self._queue if mid is None or id_key(mid) > key)
+        self._queue = [(f, mid) for f, mid in self._queue if mid is None or id_key(mid) > key]
         self._queued_bytes = sum(len(f) for f, _ in self._queue)
         if any(mid is not None for _, mid in self._queue):
             self._key_skip = None
@@ -163,7 +163,8 @@ class Stream:
         queue = self._queue
         self._queued_bytes = 0
         if len(queue) == 1:
-            frame, mid = queue.popleft()
+            frame, mid = queue[0]
+            queue.clear()
             if mid is not None:
                 self.last_event_id = mid
             return frame
