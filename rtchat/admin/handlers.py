@@ -81,6 +81,13 @@ class AdminAccess(BaseHandler):
                 raise self.reject(403, "admin_loopback_only",
                                   "no admin password is configured, so admin answers only to "
                                   "direct loopback clients (not through a proxy)")
+            # And only by a loopback name: a DNS-rebinding page in a local browser reaches
+            # 127.0.0.1 too, but under its own host name.
+            host = self.request.host_name.lower().strip("[]")
+            if host != "localhost" and not is_loopback(host):
+                raise self.reject(403, "admin_loopback_only",
+                                  "with no admin password, open admin as http://localhost/ or "
+                                  "http://127.0.0.1/, not by another host name")
             self.who = "loopback"
             return
         # A shut-out client is refused before its credentials are even looked at.

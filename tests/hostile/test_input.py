@@ -386,3 +386,18 @@ async def test_chat_page_runs_under_its_content_security_policy(start_node) -> N
             assert violations == []
         finally:
             await page.close()
+
+
+@pytest.mark.gen_test
+async def test_password_less_admin_refuses_a_dns_rebinding_host(start_node) -> None:
+    """A page on attacker.example rebound to 127.0.0.1 reaches the node from a local browser:
+    with no password, admin answers only to a loopback host name."""
+    node = await start_node()
+    for host in ("attacker.example", "attacker.example:8888", "10.0.0.5"):
+        r = await node.fetch("/admin/api/status", headers={"Host": host})
+        assert r.code == 403, host
+        r = await node.fetch("/admin/api/clients/x/disconnect", "POST", b"", headers={"Host": host})
+        assert r.code == 403, host
+    for host in ("localhost", "localhost:8888", "127.0.0.1:8888", "[::1]:8888"):
+        r = await node.fetch("/admin/api/status", headers={"Host": host})
+        assert r.code == 200, host
