@@ -79,6 +79,22 @@ async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
         await asyncio.sleep(interval)
 
 
+async def async_poll(fetch: Callable[[], Any], check: Callable[[Any], Any], timeout: float,
+                     what: str, *, describe: Callable[[Any], str] = repr,
+                     interval: float = 0.1) -> Any:
+    """Await ``fetch()`` until ``check`` holds for what it returns; return that. On timeout,
+    fail naming ``what`` and showing the last value (through ``describe``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: "
+                                 f"{describe(value)}")
+        await asyncio.sleep(interval)
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """A GET (no proxies) that never raises for HTTP statuses; (0, b"") when nothing answers."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

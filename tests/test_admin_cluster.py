@@ -7,13 +7,11 @@ node subscribes on; the page must show it red within seconds.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 import pytest
 from browser import DESKTOP, PHONE, chromium
-from probes import require_tool
+from probes import async_poll, require_tool
 from redis_servers import redis_node_config
 from sse_client import SSEClient
 
@@ -26,15 +24,9 @@ async def status_of(node) -> dict:
 
 async def status_until(node, check, what: str, timeout: float = 10.0) -> dict:
     """Ask for the status until ``check(status)`` holds; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = await status_of(node)
-        if check(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status:\n"
-                                 f"{json.dumps(st['redis'], indent=1)}\n{st['cluster']}")
-        await asyncio.sleep(0.1)
+    return await async_poll(
+        lambda: status_of(node), check, timeout, what,
+        describe=lambda st: f"\n{json.dumps(st['redis'], indent=1)}\n{st['cluster']}")
 
 
 def node_ids(st: dict) -> list[str]:

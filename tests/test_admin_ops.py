@@ -12,7 +12,6 @@ endpoint URL wraps.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from browser import DESKTOP, PHONE, chromium
-from probes import require_tool
+from probes import async_poll, require_tool
 from redis_servers import FAST_HEALTH, redis_node_config
 from sse_client import SSEClient
 
@@ -41,15 +40,11 @@ async def status_of(node) -> dict:
 
 async def both_until(nodes, check, what: str, timeout: float = 15.0) -> list[dict]:
     """Poll every node's status until ``check`` holds for the list of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sts = [await status_of(n) for n in nodes]
-        if check(sts):
-            return sts
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; verdicts: "
-                                 f"{[s['verdict'] for s in sts]}")
-        await asyncio.sleep(0.1)
+    async def fetch() -> list[dict]:
+        return [await status_of(n) for n in nodes]
+
+    return await async_poll(fetch, check, timeout, what,
+                            describe=lambda sts: f"verdicts {[s['verdict'] for s in sts]}")
 
 
 def verdicts(sts: list[dict]) -> list[dict]:

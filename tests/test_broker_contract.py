@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from broker_inbox import Inbox
+from probes import async_wait_for
 
 from rtchat import config
 from rtchat.broker.base import Broker, BrokerStatus, EndpointStatus, Failover, Presence
@@ -26,11 +26,7 @@ BrokerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Broke
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    await async_wait_for(predicate, timeout, what, interval=0.01)
 
 
 @pytest.fixture(params=["memory", "redis"])

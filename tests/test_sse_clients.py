@@ -19,17 +19,15 @@ redis-server and nginx: skipped locally when missing, failing in CI.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import time
 from typing import Any
 
 import pytest
 from browser import chromium
 from lb_processes import ClusterNode, NginxServer, RedisServer, log_tail
 from playwright.async_api import Page
-from probes import http_get, require_tool, wait_for
+from probes import async_poll, http_get, require_tool, wait_for
 from sse_clients import (
     Ev,
     NodeEventSource,
@@ -234,14 +232,8 @@ async def sse_state(page: Page) -> dict[str, Any]:
 
 
 async def until_page(page: Page, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = await sse_state(page)
-        if predicate(state):
-            return state
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Chromium EventSource: timed out waiting for {what}; saw {state}")
-        await asyncio.sleep(0.05)
+    return await async_poll(lambda: sse_state(page), predicate, timeout,
+                            f"Chromium EventSource: {what}", interval=0.05)
 
 
 def message_ids(state: dict[str, Any]) -> list[str]:
