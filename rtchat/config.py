@@ -64,10 +64,17 @@ class SentinelConfig:
 
 
 @dataclass(frozen=True)
+class RedisClusterConfig:
+    # Seed nodes of a Redis Cluster (any reachable one tells the whole layout).
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     master: str = "redis://127.0.0.1:6379/0"
     replicas: tuple[str, ...] = ()
     sentinel: SentinelConfig | None = None
+    cluster: RedisClusterConfig | None = None  # Redis Cluster mode; then ``master`` is ignored
     subscribe_from: Literal["replica", "master"] = "replica"
     max_replica_lag_seconds: float = 5.0
     replica_ack_timeout_ms: int = 50
@@ -215,6 +222,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "http.max_header_bytes": (lambda v: v >= 1024, "must be at least 1024"),
     "broker.redis.master": _REDIS_URL,
     "broker.redis.replicas": (lambda v: all(_REDIS_URL[0](u) for u in v), _REDIS_URL[1]),
+    "broker.redis.cluster.nodes": (
+        lambda v: len(v) > 0 and all(_REDIS_URL[0](u) for u in v),
+        "must list at least one redis:// URL",
+    ),
     "broker.redis.sentinel.hosts": (
         lambda v: len(v) > 0 and all(re.fullmatch(r"[^:\s]+:\d+", h) for h in v),
         "must list at least one host:port",

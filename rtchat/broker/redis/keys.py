@@ -10,6 +10,15 @@ All names start with ``redis.key_prefix``:
 * ``<prefix>idem:<room>:<key>`` an idempotency key's first answer (TTL'd hash)
 * ``<prefix>bans``            banned users (hash: user -> JSON with until, reason, by)
 
+In cluster mode (``ClusterKeys``) every name of a room carries the room as
+its hash tag, so a room's stream, channel, idempotency keys and presence
+live in one slot (one shard, one atomic script):
+
+* ``<prefix>{<room>}:room``, ``<prefix>{<room>}:ch``, ``<prefix>{<room>}:idem:<key>``,
+  ``<prefix>{<room>}:presence``
+* ``<prefix>{nodes}:node:<node>`` and ``<prefix>{bans}:bans``: global, each under its own tag
+* ``<prefix>{probe:<node>:<n>}:probe``: a probe channel whose tag lands on a given shard
+
 Pure: no I/O, no redis import.
 """
 
@@ -64,3 +73,45 @@ class Keys:
 
     def idempotency(self, room: str, key: str) -> str:
         return f"{self.prefix}idem:{room}:{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterKeys(Keys):
+    """The names in cluster mode: a room's names share the hash tag ``{<room>}``.
+
+    Room names never hold ``{`` or ``}`` (``messages.ROOM_RE``), so the tag is the room.
+    """
+
+    def stream(self, room: str) -> str:
+        return f"{self.prefix}{{{room}}}:room"
+
+    @property
+    def channel_prefix(self) -> str:
+        return f"{self.prefix}{{"
+
+    def channel(self, room: str) -> str:
+        return f"{self.prefix}{{{room}}}:ch"
+
+    def room_of(self, channel: str) -> str:
+        return channel[len(self.channel_prefix):-len("}:ch")]
+
+    def probe_for(self, n: int) -> str:
+        """This node's ``n``-th candidate probe channel (the shard picks one of its slots)."""
+        return f"{self.prefix}{{probe:{self.node_id}:{n}}}:probe"
+
+    @property
+    def probe_channel(self) -> str:
+        return self.probe_for(0)
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}{{nodes}}:node:{node_id}"
+
+    def presence(self, room: str) -> str:
+        return f"{self.prefix}{{{room}}}:presence"
+
+    @property
+    def bans(self) -> str:
+        return f"{self.prefix}{{bans}}:bans"
+
+    def idempotency(self, room: str, key: str) -> str:
+        return f"{self.prefix}{{{room}}}:idem:{key}"
