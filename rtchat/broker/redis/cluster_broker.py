@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -95,6 +95,7 @@ class ClusterBroker:
         self._homes: dict[str, Shard] = {}  # room -> the shard it is attached to
         self._failovers: deque[Failover] = deque(maxlen=FAILOVER_HISTORY)
         self._failover_count = 0
+        self.redirects: Counter[str] = Counter()  # "ask" / "moved" answers followed by sends
         self._monitor: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._background: set[asyncio.Future[None]] = set()
@@ -183,6 +184,7 @@ class ClusterBroker:
                 return await self._publisher.publish(master, room, nick, text, wait, key, user,
                                                      asking=asking)
             except Redirected as r:  # the script did not run: send it where Redis says
+                self.redirects["ask" if r.ask else "moved"] += 1
                 target = self._map.endpoint_at(r.host, r.port)
                 if r.ask and target is not None:
                     master, asking = target, True
