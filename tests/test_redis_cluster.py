@@ -11,6 +11,7 @@ sleeps pace the ~30 msg/s publishers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -146,7 +147,7 @@ def reading(broker: ClusterBroker, room: str) -> str | None:
 async def test_two_nodes_rooms_on_every_shard(start_node, redis_cluster) -> None:
     cluster = redis_cluster
     rooms = rooms_on_every_shard(cluster)
-    a = await start_node(**cluster_overrides(cluster, "node-a"))
+    a = await start_node(**cluster_overrides(cluster, "node-a", **{"admin.password": "s3cret-pw"}))
     b = await start_node(**cluster_overrides(cluster, "node-b"))
     clients = {(node.port, room): await SSEClient.open(node.url, room)
                for node in (a, b) for room in rooms}
@@ -189,6 +190,11 @@ async def test_two_nodes_rooms_on_every_shard(start_node, redis_cluster) -> None
             assert shard["reading"] in replica_urls and shard["healthy"] is True
             assert shard["master"] and shard["slots"]
         assert (await a.fetch("/readyz")).code == 200
+        auth = base64.b64encode(b"admin:s3cret-pw").decode()
+        r = await a.fetch("/admin/api/status", headers={"Authorization": f"Basic {auth}"})
+        assert r.code == 200, r.body
+        shown = json.loads(r.body)["redis"]["shards"]
+        assert [s["reading"] for s in shown] == [s["reading"] for s in status["shards"]]
     finally:
         for client in clients.values():
             await client.aclose()

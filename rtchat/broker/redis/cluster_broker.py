@@ -336,8 +336,11 @@ class ClusterBroker:
     async def _heartbeat(self) -> None:
         if self._reader is None or self._map is None or not self._map.shards:
             return
-        await self._cluster.heartbeat(self._writer(), self._reading())
-        await self._bans.refresh(self._writer())
+        # Bounded: a shard that is down must not hold up the next round of the others.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._cluster.heartbeat(self._writer(), self._reading()),
+                                   self._check_timeout * 2)
+            await asyncio.wait_for(self._bans.refresh(self._writer()), self._check_timeout * 2)
 
     async def ban(self, ban: Ban) -> None:
         await self._bans.add(self._writer() if self._reader else None, ban)

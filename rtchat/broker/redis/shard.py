@@ -117,13 +117,17 @@ class Shard:
         sub = self.sub
         return self.topology.endpoints(sub.endpoint if sub is not None else None)
 
-    def read_endpoints(self) -> list[EndpointHealth]:
-        """Where to read this shard's streams: the cluster client, then the subscription's."""
-        eps = [self._reader]
-        sub = self.sub
-        if sub is not None:
-            eps.append(sub.endpoint)
-        return eps
+    def read_endpoints(self, sub: Subscription | None = None) -> list[EndpointHealth]:
+        """Where to read this shard's streams: the cluster client (the master), then the
+        subscription's endpoint (``sub``'s, else the current one's); that one first while
+        the master is known to be down."""
+        sub = sub or self.sub
+        if sub is None:
+            return [self._reader]
+        master = self.topology.master
+        if master is not None and master.reachable is False:
+            return [sub.endpoint, self._reader]
+        return [self._reader, sub.endpoint]
 
     # -- rooms -------------------------------------------------------------------------
 
@@ -181,7 +185,7 @@ class Shard:
     async def on_confirmed(self, sub: Subscription, token: object) -> int:
         if not isinstance(token, RoomState) or self.rooms.get(token.room) is not token:
             return 0
-        eps = [*self._fallback(), sub.endpoint]
+        eps = self.read_endpoints(sub)
         replayed = 0
         async with room_lock(token):
             if token.last is None:
