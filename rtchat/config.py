@@ -70,10 +70,17 @@ class SentinelConfig:
 
 
 @dataclass(frozen=True)
+class RedisClusterConfig:
+    # Seed nodes of a Redis Cluster (any reachable one tells the whole layout).
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     master: str = "redis://127.0.0.1:6379/0"
     replicas: tuple[str, ...] = ()
     sentinel: SentinelConfig | None = None
+    cluster: RedisClusterConfig | None = None  # Redis Cluster mode; then ``master`` is ignored
     subscribe_from: Literal["replica", "master"] = "replica"
     max_replica_lag_seconds: float = 5.0
     replica_ack_timeout_ms: int = 50
@@ -254,6 +261,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "http.body_timeout_seconds": _POSITIVE,
     "http.idle_timeout_seconds": _POSITIVE,
     "http.max_header_bytes": (lambda v: v >= 1024, "must be at least 1024"),
+    "broker.redis.cluster.nodes": (lambda v: len(v) > 0, "must list at least one redis:// URL"),
     "broker.redis.sentinel.hosts": (
         lambda v: len(v) > 0 and all(re.fullmatch(r"[^:\s]+:\d+", h)
                                      and 1 <= int(h.rpartition(":")[2]) <= 65535 for h in v),
@@ -298,7 +306,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 # Every Redis URL in the config, checked whole by ``redis_url_problem``.
-_URL_KEYS = {"broker.redis.master", "broker.redis.replicas"}
+_URL_KEYS = {"broker.redis.master", "broker.redis.replicas", "broker.redis.cluster.nodes"}
 
 _SECRETS = {"admin.password", "admin.password_hash", "broker.redis.sentinel.password",
             "auth.jwt.secret"}

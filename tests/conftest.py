@@ -27,7 +27,7 @@ from rtchat import config as config_mod
 from rtchat.hub import Hub
 from rtchat.node import build_node
 
-pytest_plugins = ["redis_servers"]
+pytest_plugins = ["redis_servers", "redis_cluster_servers"]
 
 # tests/perf holds the side-by-side benchmark, run by hand (python tests/perf/compare.py).
 collect_ignore = ["perf"]

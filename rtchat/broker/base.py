@@ -152,6 +152,25 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class ShardStatus:
+    """One shard of a Redis Cluster: its slots, servers, health and what this node reads."""
+
+    slots: tuple[tuple[int, int], ...]  # inclusive slot ranges
+    master: str | None
+    replicas: tuple[str, ...]
+    healthy: bool  # its master takes writes and this node's subscription on it delivers
+    reading: str | None  # the server this node's sharded subscription is on
+    rooms: int  # this node's rooms in it
+    endpoints: tuple[EndpointStatus, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"slots": [list(r) for r in self.slots], "master": self.master,
+                "replicas": list(self.replicas), "healthy": self.healthy,
+                "reading": self.reading, "rooms": self.rooms,
+                "endpoints": [asdict(ep) for ep in self.endpoints]}
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerStatus:
     """Health of every endpoint, the subscription endpoint and the failover history.
 
@@ -169,16 +188,20 @@ class BrokerStatus:
     verdict: Verdict = field(default_factory=Verdict)
     # Nodes gone without leaving: ``{"id", "last_seen"}``, listed until forgotten.
     missing_nodes: tuple[Mapping[str, Any], ...] = ()
+    shards: tuple[ShardStatus, ...] = ()  # Redis Cluster mode only
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "master": self.master,
-                "subscribed_endpoint": self.subscribed_endpoint,
-                "endpoints": [asdict(ep) for ep in self.endpoints],
-                "failovers": [f.to_dict() for f in self.failovers],
-                "failover_count": self.failover_count,
-                "cluster_failovers": [f.to_dict() for f in self.cluster_failovers],
-                "verdict": self.verdict.to_dict(),
-                "missing_nodes": [dict(n) for n in self.missing_nodes]}
+        out = {"backend": self.backend, "master": self.master,
+               "subscribed_endpoint": self.subscribed_endpoint,
+               "endpoints": [asdict(ep) for ep in self.endpoints],
+               "failovers": [f.to_dict() for f in self.failovers],
+               "failover_count": self.failover_count,
+               "cluster_failovers": [f.to_dict() for f in self.cluster_failovers],
+               "verdict": self.verdict.to_dict(),
+               "missing_nodes": [dict(n) for n in self.missing_nodes]}
+        if self.shards:  # (absent otherwise: the single-master document is unchanged)
+            out["shards"] = [s.to_dict() for s in self.shards]
+        return out
 
 
 FROM_START = "0-0"  # a resume id meaning "everything the room holds": no message has this id

@@ -15,11 +15,19 @@ Split by the state each part owns; ``broker.RedisBroker`` ties them together:
 * ``clusterview``   what the heartbeat carries, the cluster read back, the verdict
 * ``broker``        lifecycle, health round, switches, readiness, status
 
+Redis Cluster mode (``broker.redis.cluster``) reuses all of the above per shard:
+
+* ``shard``          one shard: its topology, its sharded subscription and probe, switches
+* ``shard_map``      the shards from ``CLUSTER SHARDS``; the ``RedisCluster`` client
+* ``cluster_broker`` lifecycle, rooms to shards, publishing with MOVED/ASK, status
+
 Imports run one way: ``keys`` and ``endpoint`` are leaves, ``sentinel``
-stands on ``topology``, and only ``broker`` imports the others. This
+stands on ``topology``, ``shard_map`` on ``shard``, and only the two brokers
+import the rest. This
 package is the only place rtchat imports ``redis``.
 """
 
 from rtchat.broker.redis.broker import RedisBroker
+from rtchat.broker.redis.cluster_broker import ClusterBroker
 
-__all__ = ["RedisBroker"]
+__all__ = ["ClusterBroker", "RedisBroker"]

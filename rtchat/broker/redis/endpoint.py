@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, RedisError
@@ -47,13 +48,26 @@ def lost_connection(e: BaseException) -> bool:
     return "No connection available" not in text and "Too many connections" not in text
 
 
-def make_client(url: str, name: str, retry: Retry, socket_timeout: float = SOCKET_TIMEOUT
-                ) -> aioredis.Redis:
-    """A RESP2 client with short timeouts on a bounded pool that queues a burst briefly."""
+class ReadOnlyConnection(Connection):
+    """A connection that sends ``READONLY`` first: a cluster replica then serves reads of
+    its shard's keys instead of answering ``MOVED``."""
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        await super().on_connect_check_health(check_health)
+        await self.send_command("READONLY")
+        await self.read_response()
+
+
+def make_client(url: str, name: str, retry: Retry, socket_timeout: float = SOCKET_TIMEOUT,
+                readonly: bool = False) -> aioredis.Redis:
+    """A RESP2 client with short timeouts on a bounded pool that queues a burst briefly.
+
+    ``readonly``: every connection sends ``READONLY`` (cluster replicas only)."""
+    extra: dict[str, Any] = {"connection_class": ReadOnlyConnection} if readonly else {}
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=POOL_SIZE, timeout=SOCKET_TIMEOUT, decode_responses=True,
         protocol=2, socket_timeout=socket_timeout, socket_connect_timeout=SOCKET_TIMEOUT,
-        health_check_interval=0, retry=retry, client_name=name, driver_info=None)
+        health_check_interval=0, retry=retry, client_name=name, driver_info=None, **extra)
     return aioredis.Redis.from_pool(pool)
 
 
@@ -78,7 +92,8 @@ class Check:
 class EndpointHealth:
     """One Redis server (the master or a replica): its clients and what the checks saw."""
 
-    def __init__(self, url: str, configured_role: str, node_id: str) -> None:
+    def __init__(self, url: str, configured_role: str, node_id: str,
+                 cluster: bool = False) -> None:
         self.url = url
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
@@ -86,8 +101,10 @@ class EndpointHealth:
         self.configured_role = configured_role
         # One retry on a dropped connection (a restarted server, CLIENT KILL), never on a
         # timeout: a slow server must show up as slow.
+        # In a Redis Cluster, reads on a replica need READONLY (else MOVED to its master).
         self.client = make_client(url, f"rtchat:{node_id}",
-                                  Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+                                  Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                                  readonly=cluster)
         self._writer: aioredis.Redis | None = None
         self._node_id = node_id
         # What the last check saw.

@@ -1,9 +1,10 @@
 -- Store one message and announce it, atomically, on the master.
 -- KEYS[1] room stream; KEYS[2], when given, the send's idempotency key.
--- ARGV: maxlen, ttl, channel, nick, text, ts, node, body, digest, dedup_seconds, user.
+-- ARGV: maxlen, ttl, channel, nick, text, ts, node, body, digest, dedup_seconds, user,
+-- publish command (PUBLISH; SPUBLISH in a Redis Cluster, where the channel shares KEYS[1]'s slot).
 -- Returns {id, prev, state, ts, node}: state 0 stored now, 1 a duplicate of the key's
 -- first message (nothing stored or announced), 2 the key was used for other content.
--- The PUBLISH payload is "<id>\n<prev>\n<body JSON>".
+-- The payload is "<id>\n<prev>\n<body JSON>".
 if KEYS[2] then
   local seen = redis.call('HMGET', KEYS[2], 'id', 'prev', 'digest', 'ts', 'node')
   if seen[1] then
@@ -21,7 +22,7 @@ if ARGV[11] ~= '' then  -- a verified speaker's id; anonymous entries stay as th
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], id .. '\n' .. prev .. '\n' .. ARGV[8])
+redis.call(ARGV[12], ARGV[3], id .. '\n' .. prev .. '\n' .. ARGV[8])
 if KEYS[2] then
   -- The window runs from this first answer, not from the last retry.
   redis.call('HSET', KEYS[2], 'id', id, 'prev', prev, 'digest', ARGV[9], 'ts', ARGV[6],

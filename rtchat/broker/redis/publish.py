@@ -12,6 +12,11 @@ together share one pipeline and one ``WAIT`` (group commit). Nothing is ever
 written to a replica: Redis would accept a PUBLISH there and deliver it to
 nobody. Owns the script text and its SHA; which endpoint is the master, and
 how many acknowledgements to wait for, are the caller's.
+
+In a Redis Cluster the script announces with ``SPUBLISH`` (``publish_command``)
+and the caller routes each send to its slot's master; a ``MOVED``/``ASK``
+answer (the script did not run) comes back as ``Redirected`` for the caller to
+follow, an ``ASK`` by sending again with ``asking=True``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
 
 from rtchat.broker.base import BrokerUnavailable, KeyConflict, Published, content_digest
 from rtchat.broker.redis.endpoint import EndpointHealth, error_text
@@ -36,6 +41,17 @@ from rtchat.messages import Message
 
 class MasterReadOnly(BrokerUnavailable):
     """The master refused the write as a read-only replica: it was demoted."""
+
+
+class Redirected(BrokerUnavailable):
+    """A cluster node answered ``MOVED`` or ``ASK``: the script did not run; send it to
+    ``host:port`` (with ``ASKING`` first when ``ask``)."""
+
+    def __init__(self, reason: str, host: str, port: int, ask: bool) -> None:
+        super().__init__(reason)
+        self.host = host
+        self.port = port
+        self.ask = ask
 
 
 @functools.cache
@@ -72,26 +88,29 @@ class Publisher:
     MAX_BATCH = 256  # sends in one pipeline at most; the rest go in the next
 
     def __init__(self, keys: Keys, history_size: int, ttl_seconds: int, wait_ms: int,
-                 dedup_seconds: int = 300) -> None:
+                 dedup_seconds: int = 300, publish_command: str = "PUBLISH") -> None:
         self._keys = keys
+        self._publish_command = publish_command
         self._dedup_seconds = dedup_seconds
         self._size = history_size
         self._ttl = ttl_seconds
         self.wait_ms = wait_ms
         self._script = publish_script()
         self._sha = hashlib.sha1(self._script.encode("utf-8")).hexdigest()
-        self._pending: dict[tuple[EndpointHealth, int], list[_Send]] = {}
-        self._flushing: set[tuple[EndpointHealth, int]] = set()
+        self._pending: dict[tuple[EndpointHealth, int, bool], list[_Send]] = {}
+        self._flushing: set[tuple[EndpointHealth, int, bool]] = set()
         self.batches = 0  # pipelines sent (sends / batches = the mean batch size)
         self.sends = 0
 
     async def publish(self, master: EndpointHealth, room: str, nick: str, text: str,
-                      wait: int, key: str | None = None, user: str = "") -> Published:
+                      wait: int, key: str | None = None, user: str = "",
+                      asking: bool = False) -> Published:
         """Store and announce one message; ``WAIT`` for ``wait`` replicas (0 = don't).
 
         Raises ``BrokerUnavailable`` (``MasterReadOnly`` for a demoted master); the
         failure is noted on ``master``'s health record. ``KeyConflict`` when ``key``
-        was used in this room for other content.
+        was used in this room for other content. ``asking``: each script follows an
+        ``ASKING`` (a cluster slot being imported by ``master``).
         """
         node = self._keys.node_id
         ts = time.time()
@@ -101,42 +120,43 @@ class Publisher:
         body = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
         args = (self._size, self._ttl, self._keys.channel(room), nick, text, repr(ts), node, body,
                 content_digest(nick, text, user) if key is not None else "", self._dedup_seconds,
-                user)
+                user, self._publish_command)
         keys = [self._keys.stream(room)]
         if key is not None:
             keys.append(self._keys.idempotency(room, key))
         send = _Send(room, nick, text, user, key, ts, keys, args)
-        group = (master, wait)
+        group = (master, wait, asking)
         self._pending.setdefault(group, []).append(send)
         if group not in self._flushing:
             self._flushing.add(group)
             asyncio.get_running_loop().create_task(self._flush(group), name="redis-publish")
         return await asyncio.shield(send.done)  # a cancelled caller leaves its batch whole
 
-    async def _flush(self, group: tuple[EndpointHealth, int]) -> None:
+    async def _flush(self, group: tuple[EndpointHealth, int, bool]) -> None:
         """Send batches for ``group`` until none is waiting; one batch at a time."""
-        master, wait = group
+        master, wait, asking = group
         try:
             while self._pending.get(group):
                 sends = self._pending[group][:self.MAX_BATCH]
                 del self._pending[group][:len(sends)]
-                await self._commit(master, wait, sends)
+                await self._commit(master, wait, sends, asking)
         finally:
             self._flushing.discard(group)
             if not self._pending.get(group):
                 self._pending.pop(group, None)
 
-    async def _commit(self, master: EndpointHealth, wait: int, sends: list[_Send]) -> None:
+    async def _commit(self, master: EndpointHealth, wait: int, sends: list[_Send],
+                      asking: bool = False) -> None:
         writer = master.writer(self.wait_ms)
         self.batches += 1
         self.sends += len(sends)
         try:
-            results = await self._run(writer, sends, wait)
+            results = await self._run(writer, sends, wait, asking)
             retry = [i for i, r in enumerate(results[:len(sends)]) if isinstance(r, NoScriptError)]
             if retry:
                 # A restarted (or new) master has an empty script cache; those did not run.
                 await writer.script_load(self._script)
-                again = await self._run(writer, [sends[i] for i in retry], wait)
+                again = await self._run(writer, [sends[i] for i in retry], wait, asking)
                 for n, i in enumerate(retry):
                     results[i] = again[n]
                 if wait:
@@ -153,6 +173,10 @@ class Publisher:
 
     def _answer(self, master: EndpointHealth, send: _Send, stored: Any, wait: int, acks: Any
                 ) -> tuple[Published | None, BaseException | None]:
+        if isinstance(stored, AskError):  # MOVED too: a MovedError is an AskError
+            host, port = stored.node_addr
+            return None, Redirected(f"Redis Cluster redirect: {error_text(stored)}", host, port,
+                                    ask=not isinstance(stored, MovedError))
         if isinstance(stored, Exception):
             master.note_failure(stored)
             refused = f"Redis master refused the write: {error_text(stored)}"
@@ -168,14 +192,20 @@ class Publisher:
         replicated = (isinstance(acks, int) and acks >= wait) if wait else None
         return Published(msg, replicated, state == 1), None
 
-    async def _run(self, writer: aioredis.Redis, sends: list[_Send], wait: int) -> list[Any]:
+    async def _run(self, writer: aioredis.Redis, sends: list[_Send], wait: int,
+                   asking: bool = False) -> list[Any]:
         # The scripts and WAIT must share a connection: WAIT counts that connection's writes.
         async with writer.pipeline(transaction=False) as pipe:
             for send in sends:
+                if asking:
+                    pipe.execute_command("ASKING")
                 pipe.evalsha(self._sha, len(send.keys), *send.keys, *send.args)
             if wait:
                 pipe.execute_command("WAIT", wait, self.wait_ms)
-            return await pipe.execute(raise_on_error=False)
+            results = await pipe.execute(raise_on_error=False)
+        if asking:  # one answer per script, then WAIT's: drop the ASKING answers
+            return [*results[1:2 * len(sends):2], *results[2 * len(sends):]]
+        return results
 
 
 def _settle(done: asyncio.Future[Published], result: Published | None = None,

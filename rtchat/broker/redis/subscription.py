@@ -8,6 +8,11 @@ still unconfirmed, and the probe: the send times not yet seen back and the
 measured master -> subscriber time, which it writes into its endpoint's
 health record.
 
+With ``sharded`` (Redis Cluster) it speaks ``SSUBSCRIBE``/``SUNSUBSCRIBE``
+and probes with ``SPUBLISH``; a ``sunsubscribe`` nobody asked for (the
+server dropped the channel because its slot moved to another shard) is
+passed to the listener's ``on_dropped``.
+
 It never reconnects by itself: a lost connection marks it dead and the
 ``Listener`` is told, so the broker opens a new one with catch-up. It knows
 channels and opaque tokens, never rooms, history or the broker.
@@ -53,12 +58,21 @@ class Listener(Protocol):
         """The subscription died (first time only). Must not block."""
 
 
+class ShardListener(Listener, Protocol):
+    """A sharded subscription's listener also hears of channels the server dropped."""
+
+    def on_dropped(self, sub: Subscription, channel: str) -> None:
+        """The server unsubscribed ``channel`` (its slot left this shard). Must not block."""
+
+
 class Subscription:
     """One pub/sub connection on one endpoint, and the task that reads it."""
 
     def __init__(self, endpoint: EndpointHealth, probe_channel: str, client_name: str,
-                 listener: Listener) -> None:
+                 listener: Listener, sharded: bool = False) -> None:
         self.endpoint = endpoint
+        self.sharded = sharded
+        self._kind = "s" if sharded else ""  # message types: "smessage", "ssubscribe", ...
         self._probe_channel = probe_channel
         self._listener = listener
         # A Retry that handles no error at all: even with 0 retries, redis-py's PubSub
@@ -97,7 +111,12 @@ class Subscription:
             names.append(ch)
             self._expect.setdefault(ch, deque()).append(token)
         self._initial = len(names)
-        await self._pubsub.subscribe(*names)
+        if self.sharded:
+            # One SSUBSCRIBE per channel: one command may only name channels of one slot.
+            for name in names:
+                await self._pubsub.ssubscribe(name)
+        else:
+            await self._pubsub.subscribe(*names)
         self._task = asyncio.create_task(self._read(), name=f"redis-sub-{self.endpoint.label}")
 
     async def wait_opened(self) -> None:
@@ -114,7 +133,12 @@ class Subscription:
     async def _send(self, channel: str, token: object, subscribe: bool) -> None:
         self._expect.setdefault(channel, deque()).append(token)
         try:
-            if subscribe:
+            if self.sharded:
+                if subscribe:
+                    await self._pubsub.ssubscribe(channel)
+                else:
+                    await self._pubsub.sunsubscribe(channel)
+            elif subscribe:
                 await self._pubsub.subscribe(channel)
             else:
                 await self._pubsub.unsubscribe(channel)
@@ -139,7 +163,12 @@ class Subscription:
             return
         sent = time.monotonic()
         try:
-            await asyncio.wait_for(master.client.publish(self._probe_channel, repr(sent)), timeout)
+            if self.sharded:
+                publish = master.client.execute_command("SPUBLISH", self._probe_channel,
+                                                         repr(sent))
+            else:
+                publish = master.client.publish(self._probe_channel, repr(sent))
+            await asyncio.wait_for(publish, timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             master.note_failure(e)
             return
@@ -189,6 +218,10 @@ class Subscription:
         """Every pub/sub reply, in order. May await the listener's history reads."""
         kind = msg["type"]
         channel = msg["channel"]
+        if self._kind:
+            if not kind.startswith(self._kind):
+                return  # not a shard channel's reply (none is ever subscribed)
+            kind = kind[1:]
         if kind == "message":
             data = msg["data"]
             if channel == self._probe_channel:
@@ -197,6 +230,12 @@ class Subscription:
             await self._listener.on_message(self, channel, data)
         elif kind in ("subscribe", "unsubscribe"):
             queue = self._expect.get(channel)
+            if queue is None and kind == "unsubscribe" and self.sharded:
+                # Not ours: the server dropped the channel, its slot moved away.
+                dropped = getattr(self._listener, "on_dropped", None)
+                if dropped is not None:
+                    dropped(self, channel)
+                return
             token = queue.popleft() if queue else None
             if queue is not None and not queue:
                 del self._expect[channel]
