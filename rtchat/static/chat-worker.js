@@ -7,7 +7,7 @@
  * SharedWorker is missing (BroadcastChannel + Web Locks leader election) or for a
  * tab on its own (the last fallback).
  *
- * Tabs send {t: "hello", tab, rooms, nick}, {t: "bye", tab}. The stream sends:
+ * Tabs send {t: "hello", tab, rooms, nick, fresh}, {t: "bye", tab}. The stream sends:
  *   {t: "state", state, rooms, epoch, cursor}   connecting | connected | reconnecting | kicked | idle
  *   {t: "message", msg, cursor}                  msg names its room
  *   {t: "presence", room, count}
@@ -48,8 +48,15 @@
     this.post(this.snapshot());
   };
 
-  RtchatStreams.prototype.hello = function (tab, rooms, nick) {
+  // fresh: the tab was just loaded. After a kick, that is the person coming back on
+  // purpose (the page says "reload to come back"), so the stream opens again.
+  RtchatStreams.prototype.hello = function (tab, rooms, nick, fresh) {
     this.tabs[tab] = {rooms: (rooms || []).slice(), nick: nick || ""};
+    if (fresh && this.kicked !== null) {
+      this.kicked = null;
+      this.rooms = [];  // so that plan() opens it
+      this.state = "connecting";
+    }
     this.post(this.snapshot());
     this.plan();
   };
@@ -153,7 +160,7 @@
 
   RtchatStreams.prototype.handle = function (m) {
     if (!m || typeof m !== "object") { return; }
-    if (m.t === "hello") { this.hello(m.tab, m.rooms, m.nick); }
+    if (m.t === "hello") { this.hello(m.tab, m.rooms, m.nick, m.fresh); }
     else if (m.t === "bye") { this.bye(m.tab); }
   };
 
