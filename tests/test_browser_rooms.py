@@ -210,7 +210,7 @@ async def test_messages_read_well_at_desktop_and_phone_width(start_node, tmp_pat
                              ("general", "ann", "The build is green again 🎉"),
                              ("general", "bob", LINKS),
                              ("general", "bob", "and a long line " + "with many words " * 12),
-                             ("general", "cy", "日本語も大丈夫 ✅")):
+                             ("general", "cy", "Schöne Grüße, ça va ? ✅ 🚀")):
         assert (await node.post(room, text, nick=nick)).code == 201
     async with chromium(exe) as browser:
         context = await browser.new_context(viewport=DESKTOP, bypass_csp=True)
