@@ -14,7 +14,7 @@ from rtchat.handlers.base import AppContext, NotFoundHandler
 from rtchat.handlers.events import EventStreamHandler
 from rtchat.handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from rtchat.handlers.messages import MessagesHandler, PresenceHandler
-from rtchat.handlers.pages import ChatPageHandler
+from rtchat.handlers.pages import ChatPageHandler, ChatWorkerHandler, chat_worker_script
 from rtchat.hub import Hub
 from rtchat.identity import Authenticator
 from rtchat.metrics import Metrics
@@ -68,6 +68,7 @@ def make_app(cfg: Config, hub: Hub, metrics: Metrics,
         (r"/healthz", HealthHandler, args),
         (r"/readyz", ReadyHandler, args),
         (r"/metrics", MetricsHandler, args),
+        (r"/static/chat-worker\.js", ChatWorkerHandler, {"ctx": ctx, "body": chat_worker_script()}),
     ]
     if cfg.admin.enabled:  # disabled: the routes do not exist, so /admin is a plain 404
         routes += admin_routes(ctx)

@@ -79,6 +79,7 @@ def test_installed_wheel_serves_the_chat_page(tmp_path, spawn_node) -> None:
     assert (site / "rtchat" / "broker" / "redis" / "broker.py").is_file()
     assert (site / "rtchat" / "bench" / "__main__.py").is_file()
     assert (site / "rtchat" / "admin" / "static" / "admin.js").is_file()  # the admin page's script
+    assert (site / "rtchat" / "static" / "chat-worker.js").is_file()  # the chat's shared stream
     # Only the installed copy is importable: the source tree is not on the path.
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
@@ -92,6 +93,8 @@ def test_installed_wheel_serves_the_chat_page(tmp_path, spawn_node) -> None:
     assert b"EventSource" in page and b"#lobby" in page
     status, script = http_get(node.url + "/static/admin.js")
     assert status == 200 and b"initial-status" in script
+    status, worker = http_get(node.url + "/static/chat-worker.js")
+    assert status == 200 and b"SharedWorkerGlobalScope" in worker and b"EventSource" in worker
 
 
 @pytest.mark.parametrize("args", [["--port", "notaport"], ["--bogus"]])
