@@ -227,10 +227,15 @@ class Hub:
         await self._join(stream)
         try:
             stream.head = await catch_up_rooms(self.broker, stream, resumed)
+            # The first presence event carries the cursor, so a client has a resume point for
+            # every room before any message arrives.
+            cursor: str | None = stream.last_event_id
             for room in rooms:
                 count = await self._presence_now(room)
                 if count is not None:
-                    stream.head.append(sse.json_event("presence", {"room": room, "count": count}))
+                    stream.head.append(sse.json_event("presence", {"room": room, "count": count},
+                                                      id=cursor))
+                    cursor = None
             yield stream
         finally:
             stream.close(stream.close_reason or "client_gone")

@@ -57,9 +57,9 @@ def message(message_id: str, json_data: str) -> bytes:
     return f"id: {message_id}\nevent: message\ndata: {json_data}\n\n".encode()
 
 
-def json_event(name: str, payload: object) -> bytes:
-    """A named event carrying JSON (``presence``, ``reset``), without an id."""
-    return event(json.dumps(payload, ensure_ascii=False, separators=(",", ":")), event=name)
+def json_event(name: str, payload: object, id: str | None = None) -> bytes:
+    """A named event carrying JSON (``presence``, ``reset``), with an id only when given."""
+    return event(json.dumps(payload, ensure_ascii=False, separators=(",", ":")), event=name, id=id)
 
 
 def _check_field(value: str) -> None:

@@ -163,6 +163,23 @@ async def test_room_list_limits_and_bad_cursors_are_400(start_node) -> None:
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_the_cursor_comes_before_any_message(start_node) -> None:
+    """The first presence event carries the cursor: a client that reconnects before any
+    message arrived still gets what was posted while it was away."""
+    node = await start_node(**FAST)
+    client = await open_rooms(node, ["p", "q"])
+    first = await client.next_event(timeout=5)
+    assert first is not None and first.event == "presence" and cursor.looks_like(first.id or "")
+    await client.aclose()
+    await node.post("q", "while away")
+    again = await open_rooms(node, ["p", "q"], last_event_id=first.id)
+    try:
+        assert [(r, t) for r, t, _ in await messages(again, 1)] == [("q", "while away")]
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_presence_per_room_on_join(start_node) -> None:
     node = await start_node()
     other = await SSEClient.open(node.url, "b", nick="bob")
