@@ -134,6 +134,9 @@ class StreamProtocol(asyncio.Protocol):
         self._head = b""
         self._chunked: ChunkedDecoder | None = None
         self._sse = SseParser()
+        # As EventSource does: the last event ID outlives a connection, so a stream that
+        # resumes and then sees only id-less events resumes from the same place next time.
+        self._sse.last_event_id = sub.last_event_id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
