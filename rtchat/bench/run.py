@@ -24,7 +24,15 @@ from rtchat.bench.wire import Target, build_get, build_post, fill, header_lines,
 
 
 class Bench:
-    """One benchmark run; ``await run()`` returns the report dict."""
+    """One benchmark run; ``await run()`` returns the report dict.
+
+    ``subscriber_class`` and ``stream_protocol`` are what each client is made of; a scenario
+    that needs more of a client (which node served it, when each delivery came) subclasses
+    them.
+    """
+
+    subscriber_class: type[Subscriber] = Subscriber
+    stream_protocol: type[StreamProtocol] = StreamProtocol
 
     def __init__(self, opts: Options, log: Callable[[str], None]) -> None:
         self.opts = opts
@@ -66,7 +74,7 @@ class Bench:
             url = opts.urls[(i // n_rooms) % n_urls]
             target = parse_target(fill(opts.sub_url, url, self.rooms[rooms[0]],
                                        ",".join(self.rooms[r] for r in rooms)))
-            self.subs.append(Subscriber(i, rooms, target, self.room_messages, run,
+            self.subs.append(self.subscriber_class(i, rooms, target, self.room_messages, run,
                                         self.latencies, order_by_ids))
 
     def stream_request(self, sub: Subscriber) -> bytes:
@@ -77,7 +85,7 @@ class Bench:
         """Open one stream for ``sub``; returns None or the error kind."""
         loop = asyncio.get_running_loop()
         host, port, use_ssl = sub.target.address
-        proto = StreamProtocol(sub, self.stream_request(sub), self._on_lost, self.activity.set)
+        proto = self.stream_protocol(sub, self.stream_request(sub), self._on_lost, self.activity.set)
         deadline = loop.time() + timeout
         try:
             await asyncio.wait_for(loop.create_connection(
