@@ -7,6 +7,7 @@ exactly one JSON object and stderr to be free of tracebacks and warnings.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from rtchat.bench.clients import PAYLOAD_RE, Subscriber, id_order_key, make_text
+from rtchat.bench.clients import PAYLOAD_RE, StreamProtocol, Subscriber, id_order_key, make_text
 from rtchat.bench.options import Options, parse_args
 from rtchat.bench.report import latency_summary, percentile
 from rtchat.bench.run import Bench
@@ -278,6 +279,53 @@ def test_client_i_streams_rooms_i_to_i_plus_r_minus_1_on_one_get() -> None:
                      b"/events?rooms=p-4,p-0,p-1", b"/events?rooms=p-0,p-1,p-2",
                      b"/events?rooms=p-0,p-1,p-2"]
     assert requests[-1].endswith(b"X-A: 1\r\nLast-Event-ID: 5-1\r\n\r\n")
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_a_stream_with_a_content_length_ends_after_its_body(pieces: int) -> None:
+    # nginx's "come back later" answer: a short body on a connection kept alive. The stream
+    # ends there (the client reconnects), though the connection stays open.
+    body = b"retry: 3000\n: no node can take this stream now\n"
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+              b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n%b" % (len(body), body))
+
+    async def go() -> tuple[bool, int, int | None]:
+        sub = make_subscriber()
+        proto = StreamProtocol(sub, b"GET / HTTP/1.1\r\n\r\n", lambda p: None, lambda: None)
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        step = -(-len(answer) // pieces)
+        for at in range(0, len(answer), step):
+            assert not transport.closed
+            proto.data_received(answer[at:at + step])
+        assert proto._sse.comments == 1
+        return transport.closed, sub.other_events, proto._sse.retry_ms
+
+    assert asyncio.run(go()) == (True, 0, 3000)
+
+
+def test_an_empty_stream_with_content_length_0_ends_at_once() -> None:
+    async def go() -> bool:
+        proto = StreamProtocol(make_subscriber(), b"", lambda p: None, lambda: None)
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                            b"Content-Length: 0\r\n\r\n")
+        return transport.closed
+
+    assert asyncio.run(go())
 
 
 def test_options_are_made_from_the_command_line_by_name() -> None:

@@ -149,6 +149,9 @@ class StreamProtocol(asyncio.Protocol):
         self.closing = False  # we closed it on purpose
         self._head = b""
         self._chunked: ChunkedDecoder | None = None
+        # A body with a Content-Length ends after it, though the connection may stay open
+        # (a proxy's short "come back later" answer on a keep-alive connection).
+        self._body_left: int | None = None
         self._sse = SseParser()
         # As EventSource does: the last event ID outlives a connection, so a stream that
         # resumes and then sees only id-less events resumes from the same place next time.
@@ -174,12 +177,20 @@ class StreamProtocol(asyncio.Protocol):
                 self._fail(problem)
                 return
             self.headers_done.set_result(None)
+            if self._body_left == 0:
+                self.transport.close()  # type: ignore[union-attr]
+                return
             if not data:
                 return
         try:
             if self._chunked is not None:
                 data = self._chunked.feed(data)
                 if self._chunked.done:
+                    self.transport.close()  # type: ignore[union-attr]
+            elif self._body_left is not None:
+                data = data[:self._body_left]
+                self._body_left -= len(data)
+                if self._body_left == 0:
                     self.transport.close()  # type: ignore[union-attr]
             events = self._sse.feed(data)
         except ProtocolError as e:
@@ -207,6 +218,8 @@ class StreamProtocol(asyncio.Protocol):
             name = name.strip().lower()
             if name == b"transfer-encoding" and b"chunked" in value.lower():
                 self._chunked = ChunkedDecoder()
+            elif name == b"content-length" and value.strip().isdigit():
+                self._body_left = int(value)
             elif name == b"content-type":
                 content_type = value.strip().lower()
         if not content_type.startswith(b"text/event-stream"):
