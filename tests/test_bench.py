@@ -7,6 +7,7 @@ exactly one JSON object and stderr to be free of tracebacks and warnings.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from rtchat.bench.clients import PAYLOAD_RE, Subscriber, id_order_key, make_text
+from rtchat.bench.clients import PAYLOAD_RE, StreamProtocol, Subscriber, id_order_key, make_text
 from rtchat.bench.options import Options, parse_args
 from rtchat.bench.report import latency_summary, percentile
+from rtchat.bench.run import Bench
 from rtchat.bench.wire import (
     ChunkedDecoder,
     ProtocolError,
@@ -178,7 +180,7 @@ def test_id_order_key_orders_rtchat_and_nchan_ids() -> None:
 
 def make_subscriber(room: int = 0, room_messages: int = 10) -> Subscriber:
     target = parse_target("http://127.0.0.1:1/rooms/r/events")
-    return Subscriber(0, room, target, room_messages, b"0123abcd", array("d"))
+    return Subscriber(0, [room], target, [room_messages] * (room + 1), b"0123abcd", array("d"))
 
 
 def event(seq: int | str, room: int = 0, run: str = "0123abcd",
@@ -197,7 +199,7 @@ def test_subscriber_counts_duplicates_order_and_strays() -> None:
     sub.on_event(SseEvent(b"reset", b"{}", None), now=100.5)
     assert (sub.delivered, sub.duplicates, sub.out_of_order) == (3, 1, 1)
     assert (sub.misrouted, sub.foreign, sub.resets, sub.synced) == (1, 1, 1, True)
-    assert bytes(sub.seen[:4]) == b"\x01\x01\x01\x00"
+    assert bytes(sub.seen[0][:4]) == b"\x01\x01\x01\x00"
     assert list(sub.latencies) == [500.0, 500.0, 500.0]
 
 
@@ -208,6 +210,122 @@ def test_subscriber_judges_order_by_server_ids_when_present() -> None:
     sub.on_event(event(0, id=b"5-1"), now=100.0)
     sub.on_event(event(2, id=b"4-9"), now=100.0)
     assert (sub.delivered, sub.out_of_order) == (3, 1)
+
+
+def test_many_room_subscriber_judges_each_room_by_its_own_sequence() -> None:
+    # A stream of rooms 2 and 0 (of 3); its ids are opaque cursors, not an order.
+    sub = Subscriber(0, [2, 0], parse_target("http://h:1/events?rooms=r2,r0"), [4, 5, 6],
+                     b"0123abcd", array("d"), order_by_ids=False)
+    for seq, room, cursor in ((0, 2, b"mZ.a"), (0, 0, b"mA.b"), (1, 2, b"m0.c"), (2, 0, b"m1.d"),
+                              (1, 0, b"m9.e"), (1, 2, b"mz.f"), (5, 2, b"mz.g"), (5, 0, b"mz.h")):
+        sub.on_event(event(seq, room=room, id=cursor), now=100.5)
+    sub.on_event(event(0, room=1), now=100.5)  # room 1 is not on this stream
+    # Room 0 got 0, 2, 1 (one out of order); room 2 got 0, 1, 1 again (a duplicate), 5;
+    # room 0 has only 4 messages, so its seq 5 is misrouted like room 1's message.
+    assert (sub.delivered, sub.duplicates, sub.out_of_order, sub.misrouted) == (6, 1, 1, 2)
+    assert [bytes(seen) for seen in sub.seen] == [b"\x01\x01\x00\x00\x00\x01",
+                                                  b"\x01\x01\x01\x00"]
+    assert not sub.synced
+    sub.on_event(event("s", room=2), now=100.5)
+    sub.on_event(event("s", room=1), now=100.5)  # another stream's sync does not count
+    assert not sub.synced
+    sub.on_event(event("s", room=0), now=100.5)
+    assert sub.synced
+
+
+def test_rooms_per_stream_options() -> None:
+    opts = parse_args(["--url", "http://h:1", "--rooms", "5", "--rooms-per-stream", "3"])
+    assert (opts.rooms, opts.rooms_per_stream) == (5, 3)
+    assert opts.sub_url == "{url}/events?rooms={rooms}"  # the default for several rooms
+    mine = parse_args(["--url", "http://h:1", "--rooms", "2", "--rooms-per-stream", "2",
+                       "--sub-url", "{url}/multi?r={rooms}"])
+    assert mine.sub_url == "{url}/multi?r={rooms}"
+    one = parse_args(["--url", "http://h:1", "--rooms", "5"])
+    assert (one.rooms_per_stream, one.sub_url) == (1, "{url}/rooms/{room}/events")
+    with pytest.raises(UsageError, match="--rooms-per-stream 6 is more than --rooms 5"):
+        parse_args(["--url", "http://h:1", "--rooms", "5", "--rooms-per-stream", "6"])
+    with pytest.raises(UsageError, match=r"needs a --sub-url with \{rooms\}"):
+        parse_args(["--url", "http://h:1", "--rooms", "2", "--rooms-per-stream", "2",
+                    "--sub-url", "{url}/rooms/{room}/events"])
+
+
+def stream_requests(*args: str) -> list[bytes]:
+    """The GET each client of a run would open its stream with, first connection and resume."""
+    bench = Bench(parse_args(["--url", "http://127.0.0.1:8080", "--room-prefix", "p-",
+                              "--header", "X-A: 1", *args]), lambda line: None)
+    bench._make_subscribers()
+    requests = [bench.stream_request(s) for s in bench.subs]
+    bench.subs[0].last_event_id = b"5-1"
+    return [*requests, bench.stream_request(bench.subs[0])]
+
+
+def test_one_room_per_stream_sends_the_same_requests_as_before() -> None:
+    # Byte for byte what the bench sent before streams could carry several rooms.
+    head = b"Host: 127.0.0.1:8080\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n" \
+           b"User-Agent: rtchat-bench\r\nX-A: 1\r\n"
+    before = [b"GET /rooms/p-0/events HTTP/1.1\r\n" + head + b"\r\n",
+              b"GET /rooms/p-1/events HTTP/1.1\r\n" + head + b"\r\n",
+              b"GET /rooms/p-0/events HTTP/1.1\r\n" + head + b"\r\n",
+              b"GET /rooms/p-0/events HTTP/1.1\r\n" + head + b"Last-Event-ID: 5-1\r\n\r\n"]
+    assert stream_requests("--clients", "3", "--rooms", "2") == before
+    assert stream_requests("--clients", "3", "--rooms", "2", "--rooms-per-stream", "1") == before
+
+
+def test_client_i_streams_rooms_i_to_i_plus_r_minus_1_on_one_get() -> None:
+    requests = stream_requests("--clients", "6", "--rooms", "5", "--rooms-per-stream", "3")
+    paths = [r.split(b" ", 2)[1] for r in requests]
+    assert paths == [b"/events?rooms=p-0,p-1,p-2", b"/events?rooms=p-1,p-2,p-3",
+                     b"/events?rooms=p-2,p-3,p-4", b"/events?rooms=p-3,p-4,p-0",
+                     b"/events?rooms=p-4,p-0,p-1", b"/events?rooms=p-0,p-1,p-2",
+                     b"/events?rooms=p-0,p-1,p-2"]
+    assert requests[-1].endswith(b"X-A: 1\r\nLast-Event-ID: 5-1\r\n\r\n")
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_a_stream_with_a_content_length_ends_after_its_body(pieces: int) -> None:
+    # nginx's "come back later" answer: a short body on a connection kept alive. The stream
+    # ends there (the client reconnects), though the connection stays open.
+    body = b"retry: 3000\n: no node can take this stream now\n"
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+              b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n%b" % (len(body), body))
+
+    async def go() -> tuple[bool, int, int | None]:
+        sub = make_subscriber()
+        proto = StreamProtocol(sub, b"GET / HTTP/1.1\r\n\r\n", lambda p: None, lambda: None)
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        step = -(-len(answer) // pieces)
+        for at in range(0, len(answer), step):
+            assert not transport.closed
+            proto.data_received(answer[at:at + step])
+        assert proto._sse.comments == 1
+        return transport.closed, sub.other_events, proto._sse.retry_ms
+
+    assert asyncio.run(go()) == (True, 0, 3000)
+
+
+def test_an_empty_stream_with_content_length_0_ends_at_once() -> None:
+    async def go() -> bool:
+        proto = StreamProtocol(make_subscriber(), b"", lambda p: None, lambda: None)
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                            b"Content-Length: 0\r\n\r\n")
+        return transport.closed
+
+    assert asyncio.run(go())
 
 
 def test_options_are_made_from_the_command_line_by_name() -> None:
@@ -290,6 +408,10 @@ def report_of(proc: subprocess.CompletedProcess[str]) -> dict:
     ["--clients", "5"],  # no --url, and the default templates need one
     ["--url", "http://127.0.0.1:1", "--clients", "10000000"],  # more than RLIMIT_NOFILE allows
     ["--url", "http://127.0.0.1:1", "--unknown-flag"],
+    ["--url", "http://127.0.0.1:1", "--rooms", "2", "--rooms-per-stream", "3"],  # R > K
+    ["--url", "http://127.0.0.1:1", "--rooms-per-stream", "0"],
+    ["--url", "http://127.0.0.1:1", "--rooms", "3", "--rooms-per-stream", "2",
+     "--sub-url", "{url}/rooms/{room}/events"],  # several rooms, but a one-room template
 ])
 def test_bad_arguments_exit_2_without_traceback(args: list[str]) -> None:
     proc = run_bench(*args)
@@ -514,3 +636,72 @@ def test_reconnect_resumes_kicked_streams_without_loss(node: str) -> None:
     assert report["acked"] == 150
     assert report["expected"] == report["delivered"] == 450
     assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
+
+
+def expected_deliveries(clients: int, rooms: int, per_stream: int, messages: int) -> int:
+    """The exact ``expected`` of a clean run: per message, the streams carrying its room."""
+    carried = [0] * rooms
+    for i in range(clients):
+        for k in range(per_stream):
+            carried[(i + k) % rooms] += 1
+    return sum(carried[j % rooms] for j in range(messages))
+
+
+def test_many_rooms_per_stream_deliver_every_message_once_in_order(node: str) -> None:
+    # 7 streams of 3 rooms each over 5 rooms; 53 messages sent as fast as 8 publishers go.
+    report = report_of(run_bench("--url", node, "--clients", "7", "--rooms", "5",
+                                 "--rooms-per-stream", "3", "--messages", "53", "--rate", "0",
+                                 "--body-bytes", "120", "-q"))
+    # Rooms 0..4 are carried by 4, 5, 5, 4, 3 streams and get 11, 11, 11, 10, 10 messages.
+    assert expected_deliveries(7, 5, 3, 53) == 11 * 4 + 11 * 5 + 11 * 5 + 10 * 4 + 10 * 3 == 224
+    assert (report["sent"], report["acked"], report["connected"]) == (53, 53, 7)
+    assert report["rooms_per_stream"] == 3
+    assert report["synced"] is True
+    assert report["expected"] == 224
+    assert report["delivered"] == 224
+    assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
+    assert (report["misrouted"], report["foreign"], report["connect_errors"]) == (0, 0, 0)
+
+
+def test_one_room_per_stream_keeps_the_report_shape(node: str) -> None:
+    report = report_of(run_bench("--url", node, "--clients", "2", "--messages", "4", "--rate",
+                                 "0", "--rooms-per-stream", "1", "-q"))
+    assert "rooms_per_stream" not in report
+    assert report["expected"] == report["delivered"] == 8
+
+
+def test_many_room_streams_resume_with_their_cursor_without_loss(node: str) -> None:
+    # 4 streams of 2 rooms (of 3) are kicked while messages flow; each comes back with the
+    # last cursor it saw as Last-Event-ID and misses nothing in either room.
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "rtchat.bench", "--url", node, "--clients", "4",
+         "--rooms", "3", "--rooms-per-stream", "2", "--messages", "300", "--rate", "75",
+         "--reconnect", "--reconnect-delay", "0.05", "--room-prefix", "mkick-"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        head = read_stderr_until(proc, b"bench: sending", BENCH_TIMEOUT)
+        listed = admin_json(node, "/admin/api/status")["clients"]["listed"]
+        kicked = [c["id"] for c in listed if c["rooms"][0].startswith("mkick-")]
+        assert len(kicked) == 4 and all(len(c["rooms"]) == 2 for c in listed
+                                        if c["id"] in kicked)
+        # Let some messages through first, so each stream resumes from a real cursor.
+        head += read_stderr_until(proc, b"bench: sent ", BENCH_TIMEOUT)
+        for client_id in kicked:
+            assert admin_json(node, f"/admin/api/clients/{client_id}/disconnect",
+                              method="POST") == {"disconnected": client_id}
+        out, err = proc.communicate(timeout=BENCH_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    report = report_of(subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
+                                                   (head + err).decode()))
+    assert report["disconnects"] == 4
+    assert report["reconnects"] == 4
+    assert report["acked"] == 300
+    assert report["expected"] == expected_deliveries(4, 3, 2, 300)
+    assert report["delivered"] == report["expected"]
+    assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
+    assert report["resets"] == 0

@@ -1,7 +1,7 @@
 """The bench's two kinds of client, and the token they share.
 
-Owns ``Subscriber`` (one SSE client of one room: what it received, judged
-for loss, duplicates, order and latency), ``StreamProtocol`` (one HTTP GET of
+Owns ``Subscriber`` (one SSE client of one room or several: what it
+received, judged per room for loss, duplicates, order and latency), ``StreamProtocol`` (one HTTP GET of
 an event stream on a raw asyncio transport), ``PublishConnection`` (one
 keep-alive connection for POSTs), and the token every message's text starts
 with, ``rtb:<run>:<room>:<seq>:<publish unix time>:``, which survives any
@@ -15,7 +15,7 @@ import re
 import ssl
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from rtchat.bench.wire import ChunkedDecoder, ProtocolError, SseEvent, SseParser, Target
@@ -46,29 +46,34 @@ def id_order_key(event_id: bytes) -> tuple[int, ...]:
 
 
 class Subscriber:
-    """One SSE client of one room and what it received. Never blocks.
+    """One SSE client, of one room or several on one stream, and what it received. Never blocks.
 
-    ``seen`` holds a byte per sequence number of the room, so loss and
-    duplicates are exact; order is judged by the server's event ids when the
-    stream carries them (the order the server stored messages in), by our
-    sequence numbers otherwise.
+    ``seen`` holds, per room of the stream, a byte per sequence number of that
+    room, so loss and duplicates are exact per (stream, room). Order is judged
+    per room: by the server's event ids when ``order_by_ids`` (a one-room
+    stream whose ids are the order the server stored messages in), else by our
+    sequence numbers (a many-room stream's id is an opaque resume cursor).
     """
 
     __slots__ = ("connected", "delivered", "disconnects", "duplicates", "error", "foreign",
                  "index", "last_delivery", "last_event_id", "latencies", "max_key", "max_seq",
-                 "misrouted", "other_events", "out_of_order", "protocol", "reconnects", "resets",
-                 "room", "run_id", "seen", "synced", "target")
+                 "misrouted", "order_by_ids", "other_events", "out_of_order", "protocol",
+                 "reconnects", "resets", "rooms", "run_id", "seen", "slots", "target",
+                 "unsynced")
 
-    def __init__(self, index: int, room: int, target: Target, room_messages: int,
-                 run_id: bytes, latencies: array) -> None:
+    def __init__(self, index: int, rooms: Sequence[int], target: Target,
+                 room_messages: Sequence[int], run_id: bytes, latencies: array,
+                 order_by_ids: bool = True) -> None:
         self.index = index
-        self.room = room
+        self.rooms = tuple(rooms)
+        self.slots = {room: slot for slot, room in enumerate(self.rooms)}
         self.target = target
         self.run_id = run_id
         self.latencies = latencies
-        self.seen = bytearray(room_messages)
+        self.order_by_ids = order_by_ids
+        self.seen = [bytearray(room_messages[room]) for room in self.rooms]
         self.connected = False  # ever got a 200 event stream: it counts as a subscriber
-        self.synced = False
+        self.unsynced = set(self.rooms)  # rooms whose sync message has not come yet
         self.protocol: StreamProtocol | None = None
         self.error: str | None = None
         self.last_event_id = b""
@@ -76,8 +81,13 @@ class Subscriber:
         self.misrouted = self.foreign = self.resets = self.other_events = 0
         self.disconnects = self.reconnects = 0
         self.max_key: tuple[int, ...] = ()
-        self.max_seq = -1
+        self.max_seq = [-1] * len(self.rooms)
         self.last_delivery = 0.0
+
+    @property
+    def synced(self) -> bool:
+        """A sync message of every room of the stream has arrived."""
+        return not self.unsynced
 
     def on_event(self, event: SseEvent, now: float) -> None:
         m = PAYLOAD_RE.search(event.data)
@@ -87,34 +97,40 @@ class Subscriber:
             else:
                 self.other_events += 1
             return
-        run_id, room, seq_field, sent_at = m.groups()
+        run_id, room_field, seq_field, sent_at = m.groups()
         if run_id != self.run_id:
             self.foreign += 1
             return
+        slot = self.slots.get(int(room_field))
         if seq_field == b"s":
-            self.synced = True
+            if slot is not None:
+                self.unsynced.discard(self.rooms[slot])
             return
         seq = int(seq_field)
-        if int(room) != self.room or seq >= len(self.seen):
+        if slot is None:
             self.misrouted += 1
             return
-        if self.seen[seq]:
+        seen = self.seen[slot]
+        if seq >= len(seen):
+            self.misrouted += 1
+            return
+        if seen[seq]:
             self.duplicates += 1
             return
-        self.seen[seq] = 1
+        seen[seq] = 1
         self.delivered += 1
         self.last_delivery = now
         self.latencies.append((now - float(sent_at)) * 1000.0)
-        key = id_order_key(event.id) if event.id else ()
+        key = id_order_key(event.id) if event.id and self.order_by_ids else ()
         if key:
             if key < self.max_key:
                 self.out_of_order += 1
             else:
                 self.max_key = key
-        elif seq < self.max_seq:
+        elif seq < self.max_seq[slot]:
             self.out_of_order += 1
         else:
-            self.max_seq = seq
+            self.max_seq[slot] = seq
 
 
 class StreamProtocol(asyncio.Protocol):
@@ -133,7 +149,13 @@ class StreamProtocol(asyncio.Protocol):
         self.closing = False  # we closed it on purpose
         self._head = b""
         self._chunked: ChunkedDecoder | None = None
+        # A body with a Content-Length ends after it, though the connection may stay open
+        # (a proxy's short "come back later" answer on a keep-alive connection).
+        self._body_left: int | None = None
         self._sse = SseParser()
+        # As EventSource does: the last event ID outlives a connection, so a stream that
+        # resumes and then sees only id-less events resumes from the same place next time.
+        self._sse.last_event_id = sub.last_event_id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -155,12 +177,20 @@ class StreamProtocol(asyncio.Protocol):
                 self._fail(problem)
                 return
             self.headers_done.set_result(None)
+            if self._body_left == 0:
+                self.transport.close()  # type: ignore[union-attr]
+                return
             if not data:
                 return
         try:
             if self._chunked is not None:
                 data = self._chunked.feed(data)
                 if self._chunked.done:
+                    self.transport.close()  # type: ignore[union-attr]
+            elif self._body_left is not None:
+                data = data[:self._body_left]
+                self._body_left -= len(data)
+                if self._body_left == 0:
                     self.transport.close()  # type: ignore[union-attr]
             events = self._sse.feed(data)
         except ProtocolError as e:
@@ -188,6 +218,8 @@ class StreamProtocol(asyncio.Protocol):
             name = name.strip().lower()
             if name == b"transfer-encoding" and b"chunked" in value.lower():
                 self._chunked = ChunkedDecoder()
+            elif name == b"content-length" and value.strip().isdigit():
+                self._body_left = int(value)
             elif name == b"content-type":
                 content_type = value.strip().lower()
         if not content_type.startswith(b"text/event-stream"):

@@ -18,6 +18,7 @@ from typing import Any
 from rtchat.bench.wire import UsageError, fill, header_lines, parse_target
 
 DEFAULT_SUB_URL = "{url}/rooms/{room}/events"
+DEFAULT_MULTI_SUB_URL = "{url}/events?rooms={rooms}"  # with --rooms-per-stream above 1
 DEFAULT_PUB_URL = "{url}/rooms/{room}/messages"
 
 
@@ -44,9 +45,16 @@ class Options:
     rate: float = _flag("--rate", type=float, default=50.0, metavar="R",
                         help="messages per second; 0 = as fast as the publishers go (default 50)")
     rooms: int = _flag("--rooms", type=int, default=1, metavar="K", help="rooms (default 1)")
-    sub_url: str = _flag("--sub-url", default=DEFAULT_SUB_URL, metavar="TEMPLATE",
-                         help="stream URL template with {url} and {room} "
-                              f"(default {DEFAULT_SUB_URL})")
+    rooms_per_stream: int = _flag(
+        "--rooms-per-stream", type=int, default=1, metavar="R",
+        help="rooms on each stream, at most --rooms: client i streams rooms i, i+1, ... i+R-1 "
+             "(mod K) on one connection (default 1)")
+    # Absent unless given: the default depends on --rooms-per-stream.
+    sub_url: str = _flag("--sub-url", default=DEFAULT_SUB_URL, cli_default=argparse.SUPPRESS,
+                         metavar="TEMPLATE",
+                         help="stream URL template with {url} and {room}, or {rooms} (the "
+                              f"stream's rooms, comma-separated) (default {DEFAULT_SUB_URL}; "
+                              f"{DEFAULT_MULTI_SUB_URL} with --rooms-per-stream above 1)")
     pub_url: str = _flag("--pub-url", default=DEFAULT_PUB_URL, metavar="TEMPLATE",
                          help=f"publish URL template (default {DEFAULT_PUB_URL})")
     pub_format: str = _flag("--pub-format", choices=("json", "form", "raw"), default="json",
@@ -116,6 +124,7 @@ _CHECKS: tuple[tuple[str, str, float, str], ...] = (
     ("messages", ">=", 0, "--messages must be 0 or more"),
     ("rate", ">=", 0, "--rate must be 0 (unpaced) or more"),
     ("rooms", ">=", 1, "--rooms must be at least 1"),
+    ("rooms_per_stream", ">=", 1, "--rooms-per-stream must be at least 1"),
     ("body_bytes", ">=", 0, "--body-bytes must be 0 or more"),
     ("connect_timeout", ">", 0, "--connect-timeout must be greater than 0"),
     ("connect_concurrency", ">=", 1, "--connect-concurrency must be at least 1"),
@@ -137,6 +146,14 @@ def parse_args(argv: Sequence[str]) -> Options:
         value = getattr(given, name)
         if not (value > bound if op == ">" else value >= bound):
             raise UsageError(message)
+    if given.rooms_per_stream > given.rooms:
+        raise UsageError(f"--rooms-per-stream {given.rooms_per_stream} is more than "
+                         f"--rooms {given.rooms}: a stream's rooms must be distinct")
+    if given.rooms_per_stream > 1:
+        if "sub_url" not in parsed:
+            given = replace(given, sub_url=DEFAULT_MULTI_SUB_URL)
+        elif "{rooms}" not in given.sub_url:
+            raise UsageError("--rooms-per-stream above 1 needs a --sub-url with {rooms}")
     for flag, template in (("--sub-url", given.sub_url), ("--pub-url", given.pub_url)):
         if "{url}" in template and not given.urls:
             raise UsageError(f"--url is required: {flag} {template!r} uses {{url}}")

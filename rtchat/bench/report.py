@@ -54,7 +54,7 @@ class Timings:
 class Measured(Protocol):
     """What a finished run hands the report (``run.Bench`` has these)."""
 
-    opts: Any  # .messages, .clients
+    opts: Any  # .messages, .clients, .rooms_per_stream
     run_id: str
     rooms: list[str]
     subs: list[Subscriber]
@@ -72,27 +72,28 @@ def build_report(run: Measured, t: Timings, synced: bool | None) -> dict[str, An
     """The one JSON object ``rtchat bench`` prints (call from inside the event loop)."""
     acked_counts = [a.count(1) for a in run.acked]
     acked_ints = [int.from_bytes(a, "little") for a in run.acked]
-    subscribers = [0] * len(run.rooms)
-    delivered = lost = 0
+    subscribers = [0] * len(run.rooms)  # per room: the streams carrying it
+    delivered = lost = connected = 0
     for s in run.subs:
         if not s.connected:
             continue
-        subscribers[s.room] += 1
+        connected += 1
         delivered += s.delivered
-        # seen and acked hold one 0/1 byte per message: AND them as big
-        # integers and count bits = acked messages this client received.
-        got = (int.from_bytes(s.seen, "little") & acked_ints[s.room]).bit_count()
-        lost += acked_counts[s.room] - got
+        for room, seen in zip(s.rooms, s.seen, strict=True):
+            subscribers[room] += 1
+            # seen and acked hold one 0/1 byte per message: AND them as big
+            # integers and count bits = acked messages this stream received.
+            got = (int.from_bytes(seen, "little") & acked_ints[room]).bit_count()
+            lost += acked_counts[room] - got
     expected = sum(a * n for a, n in zip(acked_counts, subscribers, strict=True))
     last_delivery = max((s.last_delivery for s in run.subs), default=0.0)
     delivery_span = last_delivery - run.first_send_wall
-    connected = sum(subscribers)
 
     def total(attr: str) -> int:
         return sum(getattr(s, attr) for s in run.subs)
 
     acked = sum(acked_counts)
-    return {
+    report: dict[str, Any] = {
         "sent": run.sent,
         "unsent": run.opts.messages - run.sent,
         "acked": acked,
@@ -129,6 +130,9 @@ def build_report(run: Measured, t: Timings, synced: bool | None) -> dict[str, An
         "event_loop": loop_name(),
         "run_id": run.run_id,
     }
+    if run.opts.rooms_per_stream > 1:  # a one-room run's report keeps its exact shape
+        report["rooms_per_stream"] = run.opts.rooms_per_stream
+    return report
 
 
 def loop_name() -> str:

@@ -24,7 +24,15 @@ from rtchat.bench.wire import Target, build_get, build_post, fill, header_lines,
 
 
 class Bench:
-    """One benchmark run; ``await run()`` returns the report dict."""
+    """One benchmark run; ``await run()`` returns the report dict.
+
+    ``subscriber_class`` and ``stream_protocol`` are what each client is made of; a scenario
+    that needs more of a client (which node served it, when each delivery came) subclasses
+    them.
+    """
+
+    subscriber_class: type[Subscriber] = Subscriber
+    stream_protocol: type[StreamProtocol] = StreamProtocol
 
     def __init__(self, opts: Options, log: Callable[[str], None]) -> None:
         self.opts = opts
@@ -56,21 +64,28 @@ class Bench:
     # -- streams ----------------------------------------------------------
 
     def _make_subscribers(self) -> None:
-        n_urls = len(self.opts.urls)
+        opts = self.opts
+        n_urls, n_rooms = len(opts.urls), opts.rooms
         run = self.run_id.encode()
-        for i in range(self.opts.clients):
-            room = i % self.opts.rooms
-            url = self.opts.urls[(i // self.opts.rooms) % n_urls]
-            target = parse_target(fill(self.opts.sub_url, url, self.rooms[room]))
-            self.subs.append(Subscriber(i, room, target, self.room_messages[room], run,
-                                        self.latencies))
+        # A {rooms} stream's ids are resume cursors, not an order: judge order by sequence.
+        order_by_ids = "{rooms}" not in opts.sub_url
+        for i in range(opts.clients):
+            rooms = [(i + k) % n_rooms for k in range(opts.rooms_per_stream)]
+            url = opts.urls[(i // n_rooms) % n_urls]
+            target = parse_target(fill(opts.sub_url, url, self.rooms[rooms[0]],
+                                       ",".join(self.rooms[r] for r in rooms)))
+            self.subs.append(self.subscriber_class(i, rooms, target, self.room_messages, run,
+                                        self.latencies, order_by_ids))
+
+    def stream_request(self, sub: Subscriber) -> bytes:
+        """The GET that opens (or, with its last event id, resumes) ``sub``'s stream."""
+        return build_get(sub.target, sub.last_event_id, self.headers)
 
     async def _open(self, sub: Subscriber, timeout: float) -> str | None:
         """Open one stream for ``sub``; returns None or the error kind."""
         loop = asyncio.get_running_loop()
         host, port, use_ssl = sub.target.address
-        proto = StreamProtocol(sub, build_get(sub.target, sub.last_event_id, self.headers), self._on_lost,
-                                self.activity.set)
+        proto = self.stream_protocol(sub, self.stream_request(sub), self._on_lost, self.activity.set)
         deadline = loop.time() + timeout
         try:
             await asyncio.wait_for(loop.create_connection(
@@ -164,12 +179,13 @@ class Bench:
                 for url in self.opts.urls]
 
     async def _sync(self, pool: list[PublishConnection], targets: list[list[Target]]) -> bool:
-        """Publish a sync message per room until every open stream has one (or time is up)."""
+        """Publish a sync message per room until every open stream has one of each of its
+        rooms (or time is up)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.sync_timeout
         attempt = 0
         while True:
-            waiting = {s.room for s in self.subs if s.protocol is not None and not s.synced}
+            waiting = {room for s in self.subs if s.protocol is not None for room in s.unsynced}
             if not waiting:
                 return True
             if loop.time() >= deadline:
@@ -182,7 +198,8 @@ class Bench:
                                                        room) for j, room in enumerate(batch)))
             wake = min(deadline, loop.time() + min(1.0, 0.1 * attempt))
             while loop.time() < wake:
-                if all(s.synced for s in self.subs if s.protocol is not None and s.room in waiting):
+                if all(s.unsynced.isdisjoint(waiting) for s in self.subs
+                       if s.protocol is not None):
                     break
                 await asyncio.sleep(0.02)
 
@@ -203,6 +220,24 @@ class Bench:
         self.first_send_wall = time.time()
         next_index = 0
 
+        # On many-room streams order is judged by our sequence numbers, so a room's sends must
+        # not overlap (two POSTs in flight to one room may be stored either way round): a
+        # room's message n is sent once its message n - 1 has had its answer.
+        in_turn = opts.rooms_per_stream > 1
+        turn = [0] * opts.rooms  # per room: the sequence number that may be sent now
+        waiting: dict[tuple[int, int], asyncio.Future[None]] = {}
+
+        async def wait_turn(room: int, seq: int) -> None:
+            if turn[room] < seq:  # message seq - 1 was taken before us: it will call done_turn
+                ready = waiting[room, seq] = loop.create_future()
+                await ready
+
+        def done_turn(room: int, seq: int) -> None:
+            turn[room] = max(turn[room], seq + 1)
+            ready = waiting.pop((room, seq + 1), None)
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+
         async def worker(w: int) -> None:
             nonlocal next_index
             conn = pool[w]
@@ -212,33 +247,48 @@ class Bench:
                     return
                 j = next_index
                 next_index += 1
-                if opts.rate > 0:
-                    delay = t0 + j / opts.rate - loop.time()
-                    if cutoff is not None:
-                        delay = min(delay, cutoff - loop.time())
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    if cutoff is not None and loop.time() >= cutoff:
-                        return
                 room, seq = j % opts.rooms, j // opts.rooms
-                started = time.time()
-                request = build_post(row[room], opts.pub_format,
-                                     make_text(self.run_id, room, seq, opts.body_bytes, started),
-                                     self.headers)
-                self.sent += 1
                 try:
-                    status = await conn.post(request)
-                except (TimeoutError, asyncio.TimeoutError):
-                    self.statuses["timeout"] += 1
-                    continue
-                except Exception as e:  # any failed send is counted by kind, never fatal
-                    self.statuses[type(e).__name__] += 1
-                    continue
-                self.publish_ms.append((time.time() - started) * 1000.0)
-                self.statuses[str(status)] += 1
-                if 200 <= status < 300:
-                    self.acked[room][seq] = 1
-                self.last_send_done = loop.time()
+                    if not await send(conn, row, j, room, seq):
+                        return
+                finally:
+                    if in_turn:
+                        done_turn(room, seq)
+
+        async def send(conn: PublishConnection, row: list[Target], j: int, room: int,
+                       seq: int) -> bool:
+            """Send message ``j`` on schedule; False once the send time is up."""
+            if opts.rate > 0:
+                delay = t0 + j / opts.rate - loop.time()
+                if cutoff is not None:
+                    delay = min(delay, cutoff - loop.time())
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if cutoff is not None and loop.time() >= cutoff:
+                    return False
+            if in_turn:
+                await wait_turn(room, seq)
+                if cutoff is not None and loop.time() >= cutoff:
+                    return False
+            started = time.time()
+            request = build_post(row[room], opts.pub_format,
+                                 make_text(self.run_id, room, seq, opts.body_bytes, started),
+                                 self.headers)
+            self.sent += 1
+            try:
+                status = await conn.post(request)
+            except (TimeoutError, asyncio.TimeoutError):
+                self.statuses["timeout"] += 1
+                return True
+            except Exception as e:  # any failed send is counted by kind, never fatal
+                self.statuses[type(e).__name__] += 1
+                return True
+            self.publish_ms.append((time.time() - started) * 1000.0)
+            self.statuses[str(status)] += 1
+            if 200 <= status < 300:
+                self.acked[room][seq] = 1
+            self.last_send_done = loop.time()
+            return True
 
         workers = min(opts.publishers, max(1, opts.messages))
         if opts.messages:
@@ -248,7 +298,7 @@ class Bench:
         return t0, loop.time()
 
     async def _settle(self) -> None:
-        """Wait until every stream has every acknowledged message of its room, or the deadline."""
+        """Wait until every stream has every acknowledged message of its rooms, or the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.settle_seconds
         self._goal = [a.count(1) for a in self.acked]
@@ -268,7 +318,7 @@ class Bench:
         subs, goal, reconnect = self.subs, self._goal, self.opts.reconnect
         while self._settle_cursor < len(subs):
             s = subs[self._settle_cursor]
-            if (s.connected and s.delivered < goal[s.room]
+            if (s.connected and s.delivered < sum(goal[room] for room in s.rooms)
                     and (s.protocol is not None or reconnect)):
                 return False
             self._settle_cursor += 1

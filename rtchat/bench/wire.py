@@ -1,6 +1,6 @@
 """The wire: HTTP/1.1 and SSE as the bench speaks them, as pure functions and parsers.
 
-Owns URL targets (``Target``, ``parse_target``, the ``{url}``/``{room}``
+Owns URL targets (``Target``, ``parse_target``, the ``{url}``/``{room}``/``{rooms}``
 templates), the requests the bench sends (``build_get``, ``build_post``),
 and the incremental decoders for what comes back: chunked transfer coding
 and the ``text/event-stream`` line protocol. No sockets, no clock.
@@ -217,8 +217,11 @@ def parse_target(url: str) -> Target:
     return Target(parts.scheme, host, port, path, host_header)
 
 
-def fill(template: str, url: str, room: str) -> str:
-    return template.replace("{url}", url.rstrip("/")).replace("{room}", room)
+def fill(template: str, url: str, room: str, rooms: str | None = None) -> str:
+    """A template with ``{url}``, ``{room}`` and ``{rooms}`` (the stream's rooms joined with
+    commas; ``room`` alone when not given) filled in."""
+    filled = template.replace("{url}", url.rstrip("/")).replace("{room}", room)
+    return filled.replace("{rooms}", room if rooms is None else rooms)
 
 
 def header_lines(headers: Sequence[str]) -> str:
