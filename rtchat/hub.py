@@ -2,7 +2,7 @@
 
 Owns: which rooms have local clients (subscribe on first, unsubscribe on
 last after a short delay, roll back a failed subscribe), the catch-up of a
-resuming stream, slow-client eviction, heartbeats, presence, and the drain
+resuming stream, slow-client eviction, heartbeats, presence (rtchat.presence), and the drain
 on shutdown. The broker hands it messages through :meth:`Hub.deliver`; the
 SSE handler attaches a sink to a :class:`~rtchat.stream.Stream`. Handlers ask
 the hub (``connect``, ``publish``, ``history``, ``presence``, ``readiness``),
@@ -35,6 +35,7 @@ from rtchat.catchup import catch_up, catch_up_rooms
 from rtchat.config import Config
 from rtchat.messages import Message
 from rtchat.metrics import Metrics
+from rtchat.presence import PresenceTracker
 from rtchat.stream import Sink, Stream
 
 __all__ = ["Hub", "Sink", "Stream"]
@@ -42,10 +43,6 @@ __all__ = ["Hub", "Sink", "Stream"]
 log = logging.getLogger("rtchat.hub")
 
 UNSUBSCRIBE_DELAY = 2.0  # seconds an empty room stays subscribed, so reconnect churn stays local
-PRESENCE_REFRESH = 2.0  # seconds between cluster-wide presence reads for local rooms
-# Joins and leaves within this long are one presence update: a refresh costs O(room size),
-# so a crowd reconnecting after a node restart must not cost O(room size) each.
-PRESENCE_BATCH = 0.25
 
 
 @dataclass
@@ -53,12 +50,8 @@ class _Room:
     ready: asyncio.Future[None]
     streams: set[Stream] = field(default_factory=set)
     unsubscribe_timer: asyncio.TimerHandle | None = None
-    presence_count: int = -1
     # The multi-room streams among ``streams``: framed per stream (with their cursor).
     multi: set[Stream] = field(default_factory=set)
-    # What this node last recorded in the broker for the room: a new stream's first
-    # presence count is the cluster's minus this plus what is open here now.
-    written: Counter[str] = field(default_factory=Counter)
 
 
 class Hub:
@@ -80,8 +73,7 @@ class Hub:
         self._streams: dict[str, Stream] = {}
         self._per_address: Counter[str] = Counter()  # open streams by client address
         self._tasks: list[asyncio.Task[None]] = []
-        self._presence_dirty: set[str] = set()
-        self._presence_wakeup = asyncio.Event()
+        self._presence = PresenceTracker(broker, self._room_streams, lambda: list(self._rooms))
         self._all_gone = asyncio.Event()
         self._ready: list[Stream] = []
         # Unsubscribes in flight, by room: a join waits for its room's before subscribing,
@@ -95,7 +87,7 @@ class Hub:
         await self.broker.start(self.deliver, self.node_stats)
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"),
-            asyncio.create_task(self._presence_loop(), name="hub-presence"),
+            asyncio.create_task(self._presence.run(lambda: self._closing), name="hub-presence"),
             asyncio.create_task(self._stall_loop(), name="hub-stalls"),
         ]
 
@@ -103,7 +95,7 @@ class Hub:
         # The flag ends the loops even where a library swallowed the cancellation
         # (asyncio.wait_for can, on Python < 3.12).
         self._closing = True
-        self._presence_wakeup.set()
+        self._presence.wake()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -203,7 +195,7 @@ class Hub:
         try:
             if last_event_id:
                 stream.head = await catch_up(self.broker, stream, last_event_id)
-            count = await self._presence_now(stream.room)
+            count = await self._presence.count_now(stream.room)
             if count is not None:
                 stream.presence_count = count
                 stream.head.append(sse.json_event("presence", {"room": stream.room, "count": count}))
@@ -231,7 +223,7 @@ class Hub:
             # every room before any message arrives.
             cursor: str | None = stream.last_event_id
             for room in rooms:
-                count = await self._presence_now(room)
+                count = await self._presence.count_now(room)
                 if count is not None:
                     stream.head.append(sse.json_event("presence", {"room": room, "count": count},
                                                       id=cursor))
@@ -240,22 +232,6 @@ class Hub:
         finally:
             stream.close(stream.close_reason or "client_gone")
             self._leave(stream)
-
-    async def _presence_now(self, room: str) -> int | None:
-        """The room's presence count as of now, counting streams not yet recorded.
-
-        Every new stream gets one, whether or not the count just changed (a reload
-        or a second tab leaves it as it was). None when the broker cannot say.
-        """
-        state = self._rooms.get(room)
-        if state is None:
-            return None
-        try:
-            cluster = await self.broker.presence(room)
-        except Exception as e:  # presence is informative; the stream goes on without it
-            log.debug("presence for %s on join: %s", room, e)
-            return None
-        return max(0, cluster.count - sum(state.written.values()) + len(state.streams))
 
     # -- what handlers may ask ----------------------------------------------------
 
@@ -315,7 +291,7 @@ class Hub:
         state.streams.add(stream)
         if stream.rooms:
             state.multi.add(stream)
-        self._mark_presence(room)
+        self._presence.mark(room)
 
     def _leave(self, stream: Stream) -> None:
         if self._streams.pop(stream.id, None) is None:
@@ -337,7 +313,7 @@ class Hub:
             return
         state.streams.discard(stream)
         state.multi.discard(stream)
-        self._mark_presence(room)
+        self._presence.mark(room)
         if not state.streams and state.unsubscribe_timer is None:
             state.unsubscribe_timer = asyncio.get_running_loop().call_later(
                 UNSUBSCRIBE_DELAY, self._unsubscribe_if_empty, room)
@@ -427,60 +403,9 @@ class Hub:
                     stream.close("token_expired")  # it reconnects with a new token, losing nothing
             self._kick_banned()
 
-    def _mark_presence(self, room: str) -> None:
-        self._presence_dirty.add(room)
-        self._presence_wakeup.set()
-
-    async def _presence_loop(self) -> None:
-        """Refresh presence for rooms that changed here at once, and for every room now and then."""
-        loop = asyncio.get_running_loop()
-        next_full = loop.time() + PRESENCE_REFRESH
-        while not self._closing:
-            timer = loop.call_at(next_full, self._presence_wakeup.set)
-            try:
-                await self._presence_wakeup.wait()
-            finally:
-                timer.cancel()
-            self._presence_wakeup.clear()
-            changed, self._presence_dirty = self._presence_dirty, set()
-            rooms = set(changed)
-            if loop.time() >= next_full:  # other nodes' clients come and go too
-                next_full = loop.time() + PRESENCE_REFRESH
-                rooms |= set(self._rooms)
-            for room in rooms:
-                if self._closing:
-                    return
-                try:
-                    await self._refresh_presence(room, write=room in changed)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # the broker is down: presence waits for it
-                    log.debug("presence refresh for %s failed: %s", room, e)
-                    if room in changed:
-                        self._presence_dirty.add(room)  # write it on the next round
-            await asyncio.sleep(PRESENCE_BATCH)
-
-    async def _refresh_presence(self, room: str, write: bool) -> None:
-        """Record this node's clients of ``room`` (when they changed), then read the cluster's."""
-        if write:
-            state = self._rooms.get(room)
-            nicks = Counter(s.nick for s in state.streams) if state is not None else Counter()
-            await self.broker.set_presence(room, nicks)
-            if state is not None:
-                state.written = nicks
+    def _room_streams(self, room: str) -> set[Stream] | None:
         state = self._rooms.get(room)
-        if state is None or not state.streams:
-            return
-        presence = await self.broker.presence(room)
-        if presence.count != state.presence_count:
-            state.presence_count = presence.count
-            frame = sse.json_event("presence", {"room": room, "count": presence.count})
-            for stream in tuple(state.streams):
-                if stream.rooms:
-                    stream.push(frame)  # one count per room: no single "last told"
-                elif stream.presence_count != presence.count:  # told on join already
-                    stream.presence_count = presence.count
-                    stream.push(frame)
+        return state.streams if state is not None else None
 
     # -- node view -----------------------------------------------------------------------
 
