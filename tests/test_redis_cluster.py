@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 from broker_inbox import Inbox
-from probes import async_wait_for
+from browser import DESKTOP, chromium
+from probes import async_wait_for, require_tool
 from redis.crc import key_slot
 from redis_cluster_servers import RedisCluster
 from redis_servers import RedisServer
@@ -195,6 +196,22 @@ async def test_two_nodes_rooms_on_every_shard(start_node, redis_cluster) -> None
         assert r.code == 200, r.body
         shown = json.loads(r.body)["redis"]["shards"]
         assert [s["reading"] for s in shown] == [s["reading"] for s in status["shards"]]
+        # The admin page draws one row a shard, with the server this node reads marked.
+        async with chromium(require_tool("chromium")) as browser:
+            context = await browser.new_context(
+                viewport=DESKTOP, http_credentials={"username": "admin", "password": "s3cret-pw"})
+            page = await context.new_page()
+            try:
+                await page.goto(a.url + "/admin")
+                rows = page.locator("#shard-rows tr")
+                await rows.nth(2).wait_for(timeout=10000)
+                assert await rows.count() == 3
+                assert await page.locator("#shards").is_visible()
+                texts = [await rows.nth(i).text_content() or "" for i in range(3)]
+                for shard in shown:
+                    assert any(shard["reading"] in t for t in texts), (shard["reading"], texts)
+            finally:
+                await context.close()
     finally:
         for client in clients.values():
             await client.aclose()

@@ -222,6 +222,18 @@
       td(tr, "last error", dash(ep.last_error), "small err");
     });
     $("subscribed").textContent = r.subscribed_endpoint || "none";
+    var shards = r.shards || [];  // Redis Cluster mode: one row a shard
+    show($("shards"), shards.length > 0);
+    $("shards-count").textContent = shards.length ? shards.length + " shards" : "";
+    fill($("shard-rows"), shards, function (tr, sh) {
+      td(tr, "slots", sh.slots.map(function (r) { return r[0] === r[1] ? r[0] : r[0] + "\u2013" + r[1]; })
+         .join(", "), "mono nowrap");
+      urlCell(tr, "master", sh.master);
+      td(tr, "replicas", sh.replicas.length ? sh.replicas.join(" ") : DASH, "mono small");
+      td(tr, "health", sh.healthy ? "healthy" : "unhealthy", sh.healthy ? "nowrap ok-text" : "nowrap bad-text");
+      urlCell(tr, "this node reads", sh.reading, sh.reading ? "\u2605" : "");
+      td(tr, "rooms here", String(sh.rooms), "nowrap");
+    });
     var history = (r.cluster_failovers || []).slice().reverse();
     $("failover-count").textContent = history.length + " listed \u00b7 this node switched " +
       r.failover_count + (r.failover_count === 1 ? " time" : " times");
