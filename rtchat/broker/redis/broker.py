@@ -272,18 +272,10 @@ class RedisBroker:
         eps = self._read_endpoints()
         if sub.endpoint not in eps:
             eps.append(sub.endpoint)
-        replayed = 0
-        if token.last is None:
-            self._delivery.start_after(token, await self._history.newest_id(eps, token.room))
-        else:
-
-            async def since(after: str, until: str) -> list[Message]:
-                return await self._history.range(eps, token.room, after, until)
-
-            replayed = await self._delivery.catch_up(token, since)
-        if not token.ready.done():
-            token.ready.set_result(None)
-        return replayed
+        history, room = self._history, token.room
+        return await self._delivery.confirmed(
+            token, lambda: history.newest_id(eps, room),
+            lambda after, until: history.range(eps, room, after, until))
 
     def on_dead(self, sub: Subscription) -> None:
         self.wake_monitor()

@@ -56,6 +56,20 @@ class Delivery:
         state.last = newest
         state.key = id_key(newest) if newest else ZERO
 
+    async def confirmed(self, state: RoomState, newest: Callable[[], Awaitable[str]],
+                        read: ReadRange) -> int:
+        """A (re)subscription of the room is confirmed: a new room starts after ``newest()``,
+        a known one catches up from its last delivered id; then the room is ready. Returns
+        how many messages the catch-up delivered."""
+        replayed = 0
+        if state.last is None:
+            self.start_after(state, await newest())
+        else:
+            replayed = await self.catch_up(state, read)
+        if not state.ready.done():
+            state.ready.set_result(None)
+        return replayed
+
     async def catch_up(self, state: RoomState, read: ReadRange) -> int:
         """After a switch: deliver what the room got since its last delivered id."""
         n = 0

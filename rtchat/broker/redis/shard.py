@@ -186,19 +186,11 @@ class Shard:
         if not isinstance(token, RoomState) or self.rooms.get(token.room) is not token:
             return 0
         eps = self.read_endpoints(sub)
-        replayed = 0
+        history, room = self._history, token.room
         async with room_lock(token):
-            if token.last is None:
-                self._delivery.start_after(token, await self._history.newest_id(eps, token.room))
-            else:
-
-                async def since(after: str, until: str) -> list[Message]:
-                    return await self._history.range(eps, token.room, after, until)
-
-                replayed = await self._delivery.catch_up(token, since)
-        if not token.ready.done():
-            token.ready.set_result(None)
-        return replayed
+            return await self._delivery.confirmed(
+                token, lambda: history.newest_id(eps, room),
+                lambda after, until: history.range(eps, room, after, until))
 
     def on_dead(self, sub: Subscription) -> None:
         self._wake()
