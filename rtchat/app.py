@@ -10,11 +10,11 @@ import tornado.web
 from rtchat import __version__
 from rtchat.admin.handlers import admin_routes
 from rtchat.config import Config
-from rtchat.handlers.base import AppContext, NotFoundHandler
+from rtchat.handlers.base import AppContext, NotFoundHandler, ScriptHandler, package_script
 from rtchat.handlers.events import EventStreamHandler
 from rtchat.handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from rtchat.handlers.messages import MessagesHandler, PresenceHandler
-from rtchat.handlers.pages import ChatPageHandler, ChatWorkerHandler, chat_worker_script
+from rtchat.handlers.pages import ChatPageHandler
 from rtchat.hub import Hub
 from rtchat.identity import Authenticator
 from rtchat.metrics import Metrics
@@ -68,7 +68,9 @@ def make_app(cfg: Config, hub: Hub, metrics: Metrics,
         (r"/healthz", HealthHandler, args),
         (r"/readyz", ReadyHandler, args),
         (r"/metrics", MetricsHandler, args),
-        (r"/static/chat-worker\.js", ChatWorkerHandler, {"ctx": ctx, "body": chat_worker_script()}),
+        # The stream-sharing script, run as a SharedWorker (or in a page without one).
+        (r"/static/chat-worker\.js", ScriptHandler,
+         {"ctx": ctx, "body": package_script("static", "chat-worker.js")}),
     ]
     if cfg.admin.enabled:  # disabled: the routes do not exist, so /admin is a plain 404
         routes += admin_routes(ctx)

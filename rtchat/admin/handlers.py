@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tornado.iostream import StreamClosedError
@@ -32,7 +31,15 @@ from rtchat.admin.access import (
 from rtchat.admin.sampler import ThroughputSampler
 from rtchat.admin.status import build_status
 from rtchat.broker.base import Ban
-from rtchat.handlers.base import ApiError, ApiHandler, AppContext, BaseHandler, PageHandler
+from rtchat.handlers.base import (
+    ApiError,
+    ApiHandler,
+    AppContext,
+    BaseHandler,
+    PageHandler,
+    ScriptHandler,
+    package_script,
+)
 from rtchat.identity import COOKIE, AuthError, bearer
 from rtchat.proxies import has_forwarding
 from rtchat.ratelimit import RateLimiter
@@ -161,28 +168,6 @@ class AdminPageHandler(AdminAccess, PageHandler):
 
     async def get(self) -> None:
         self.render_page("admin.html", status=await self.status())
-
-
-class AdminScriptHandler(BaseHandler):
-    """``GET /static/admin.js``: the admin page's script, read once from the package.
-
-    It holds no data, so it needs no login (the page and its JSON do). Revalidated
-    on every load (an ETag, ``no-cache``) so an upgrade never runs an old script.
-    """
-
-    def initialize(self, ctx: AppContext, body: bytes) -> None:  # type: ignore[override]
-        super().initialize(ctx)
-        self.body = body
-
-    def get(self) -> None:
-        self.set_header("Content-Type", "text/javascript; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.finish(self.body)
-
-
-def admin_script() -> bytes:
-    """The page's script, shipped inside the package (``rtchat/admin/static/admin.js``)."""
-    return (Path(__file__).resolve().parent / "static" / "admin.js").read_bytes()
 
 
 class AdminStatusHandler(AdminAccess, ApiHandler):
@@ -319,5 +304,6 @@ def admin_routes(ctx: AppContext) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/admin/api/clients/([^/]+)/kick", ClientKickHandler, args),
         (r"/admin/api/users/([^/]+)/ban", UserBanHandler, args),
         (r"/admin/api/bans", BansHandler, args),
-        (r"/static/admin\.js", AdminScriptHandler, {"ctx": ctx, "body": admin_script()}),
+        (r"/static/admin\.js", ScriptHandler,
+         {"ctx": ctx, "body": package_script("admin", "static", "admin.js")}),
     ]

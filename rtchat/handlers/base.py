@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -306,6 +307,27 @@ class ApiHandler(BaseHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_cors_headers()  # send_error cleared them; a listed origin must see the error
         self.finish(json.dumps({"error": code, "message": message}))
+
+
+class ScriptHandler(BaseHandler):
+    """A script shipped in the package, served from this origin: the pages' policy loads
+    scripts and workers from 'self' only. It holds no data, so it needs no login or
+    identity. Revalidated on every load (an ETag, ``no-cache``), so an upgrade never
+    leaves a page or a worker running an old script."""
+
+    def initialize(self, ctx: AppContext, body: bytes) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.body = body
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(self.body)
+
+
+def package_script(*parts: str) -> bytes:
+    """A file under the installed ``rtchat`` package, e.g. ``("static", "chat-worker.js")``."""
+    return Path(__file__).resolve().parent.parent.joinpath(*parts).read_bytes()
 
 
 class NotFoundHandler(PageHandler):

@@ -3,12 +3,10 @@ script that shares one stream between all of a browser's chat tabs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tornado.web
 
 from rtchat.broker.base import FROM_START, BrokerUnavailable
-from rtchat.handlers.base import AppContext, BaseHandler, PageHandler
+from rtchat.handlers.base import PageHandler
 from rtchat.messages import valid_room
 
 PAGE_HISTORY = 50
@@ -35,27 +33,3 @@ class ChatPageHandler(PageHandler):
             # Who the page speaks as when identity is on (the nick box then shows this instead).
             me={"user": speaker.user, "name": speaker.name} if speaker is not None else None,
         )
-
-
-class ChatWorkerHandler(BaseHandler):
-    """``GET /static/chat-worker.js``: the stream-sharing script, run as a SharedWorker (or in
-    a page where SharedWorker is missing).
-
-    Served from this origin because the page's policy lets workers load from 'self' only.
-    It holds no data, so it needs no identity. Revalidated on every load (an ETag,
-    ``no-cache``) so an upgrade never leaves a tab talking to an old worker.
-    """
-
-    def initialize(self, ctx: AppContext, body: bytes) -> None:  # type: ignore[override]
-        super().initialize(ctx)
-        self.body = body
-
-    def get(self) -> None:
-        self.set_header("Content-Type", "text/javascript; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.finish(self.body)
-
-
-def chat_worker_script() -> bytes:
-    """The script, shipped inside the package (``rtchat/static/chat-worker.js``)."""
-    return (Path(__file__).resolve().parent.parent / "static" / "chat-worker.js").read_bytes()
