@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import jinja2
@@ -42,6 +44,21 @@ def make_templates() -> jinja2.Environment:
     )
 
 
+_TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&]*")
+access_log = logging.getLogger("tornado.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access line, with a ``?token=`` (a bearer credential) masked."""
+    status = handler.get_status()
+    method = access_log.info if status < 400 else access_log.warning if status < 500 \
+        else access_log.error
+    request = handler.request
+    uri = _TOKEN_IN_QUERY.sub("********", request.uri or "")
+    method("%d %s %s (%s) %.2fms", status, request.method, uri, request.remote_ip,
+           1000.0 * request.request_time())
+
+
 def make_app(cfg: Config, hub: Hub, metrics: Metrics,
              server: ServerState | None = None) -> tornado.web.Application:
     limits = cfg.limits
@@ -79,4 +96,5 @@ def make_app(cfg: Config, hub: Hub, metrics: Metrics,
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
         compress_response=False,  # never gzip an event stream
+        log_function=log_request,
     )

@@ -349,3 +349,15 @@ async def test_a_ban_set_on_one_node_holds_on_the_other(start_node, start_redis)
     assert (await post(b, "x", "via b", bearer(eve))).code == 403
     bans = body(await b.fetch("/admin/api/bans", headers=bearer(token("root", admin=True))))
     assert [x["user"] for x in bans["bans"]] == ["eve"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_query_token_never_reaches_the_access_log(start_node, caplog) -> None:
+    node = await start_node(**JWT)
+    secret_looking = token(ttl=-60)  # refused, so logged at WARNING with its URL
+    with caplog.at_level("INFO", logger="tornado.access"):
+        stream = await SSEClient.open(node.url, "l", path=f"/rooms/l/events?token={secret_looking}")
+        await stream.aclose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert any("/rooms/l/events?token=********" in line for line in lines), lines
+    assert not any(secret_looking in line for line in lines)
