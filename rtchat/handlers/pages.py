@@ -28,7 +28,6 @@ class ChatPageHandler(PageHandler):
             history=[m.public_dict() for m in history],
             # An empty room resumes "from the start": nothing posted after this render is missed.
             last_id=history[-1].id if history else FROM_START,
-            max_message_bytes=self.ctx.cfg.limits.max_message_bytes,
             max_nick_chars=self.ctx.cfg.limits.max_nick_chars,
             # Who the page speaks as when identity is on (the nick box then shows this instead).
             me={"user": speaker.user, "name": speaker.name} if speaker is not None else None,
