@@ -41,7 +41,7 @@ from rtchat.broker.base import (
 )
 from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.clusterview import ClusterView
-from rtchat.broker.redis.delivery import Delivery, RoomState
+from rtchat.broker.redis.delivery import Delivery, RoomState, wait_confirmed
 from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text
 from rtchat.broker.redis.history import History, read_order
 from rtchat.broker.redis.keys import Keys
@@ -54,7 +54,6 @@ from rtchat.messages import Message
 
 log = logging.getLogger("rtchat.broker.redis")
 
-SWITCH_BACK_CHECKS = 3  # clean checks in a row before leaving the master for a replica
 CATCH_UP_PER_ROOM = 0.005  # seconds a switch allows per room for its catch-up read
 
 
@@ -221,16 +220,7 @@ class RedisBroker:
                     raise BrokerUnavailable("no healthy Redis endpoint to subscribe on")
                 else:
                     self.wake_monitor()
-        try:
-            await asyncio.wait_for(asyncio.shield(state.ready), self._subscribe_timeout)
-        except asyncio.CancelledError:
-            if not state.ready.cancelled():
-                self._forget(state)  # our caller gave up
-                raise
-            raise BrokerUnavailable("unsubscribed while subscribing") from None
-        except asyncio.TimeoutError:
-            self._forget(state)
-            raise BrokerUnavailable("no Redis endpoint confirmed the subscription") from None
+        await wait_confirmed(state, self._subscribe_timeout, self._forget)
 
     def _forget(self, state: RoomState) -> None:
         """Roll back a subscribe that did not complete."""
@@ -329,23 +319,9 @@ class RedisBroker:
     async def _maybe_switch(self) -> None:
         sub = self._sub
         if sub is not None and sub.alive:
-            ep = sub.endpoint
-            if not ep.healthy:
-                target = self._choose(exclude=ep)
-                if target is not None and target is not ep:
-                    await self._switch(target, ep.problem or "unhealthy")
-                return
-            master = self._topology.master
-            if self.rc.subscribe_from == "replica":
-                # On the master only for want of a replica: go back once one holds steady.
-                if ep is master or ep.role == "master":
-                    best = self._choose(exclude=ep)
-                    if best is not None and best is not master \
-                            and best.good_checks >= SWITCH_BACK_CHECKS:
-                        await self._switch(best, "a replica is healthy again")
-            elif master is not None and ep is not master and master.healthy \
-                    and master.good_checks >= SWITCH_BACK_CHECKS:
-                await self._switch(master, "the master is healthy again")
+            move = self._topology.move_from(sub.endpoint, self.rc.subscribe_from == "replica")
+            if move is not None:
+                await self._switch(*move)
             return
         if sub is not None:
             self._lost_from, self._lost_reason = sub.endpoint.url, sub.dead or "lost"

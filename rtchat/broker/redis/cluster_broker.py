@@ -44,7 +44,7 @@ from rtchat.broker.base import (
 )
 from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.cluster import ClusterState
-from rtchat.broker.redis.delivery import Delivery, RoomState
+from rtchat.broker.redis.delivery import Delivery, RoomState, wait_confirmed
 from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth
 from rtchat.broker.redis.history import History
 from rtchat.broker.redis.keys import ClusterKeys
@@ -229,16 +229,7 @@ class ClusterBroker:
                 raise BrokerUnavailable("no healthy Redis endpoint to subscribe on")
             self._homes[room] = shard
             await shard.attach(state)
-        try:
-            await asyncio.wait_for(asyncio.shield(state.ready), self._subscribe_timeout)
-        except asyncio.CancelledError:
-            if not state.ready.cancelled():
-                self._forget(state)
-                raise
-            raise BrokerUnavailable("unsubscribed while subscribing") from None
-        except asyncio.TimeoutError:
-            self._forget(state)
-            raise BrokerUnavailable("no Redis endpoint confirmed the subscription") from None
+        await wait_confirmed(state, self._subscribe_timeout, self._forget)
 
     def _forget(self, state: RoomState) -> None:
         if self._rooms.get(state.room) is state and not state.ready.done():

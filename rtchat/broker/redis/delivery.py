@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from rtchat.broker.base import Deliver
+from rtchat.broker.base import BrokerUnavailable, Deliver
 from rtchat.messages import Message, id_key
 
 log = logging.getLogger("rtchat.broker.redis")
@@ -43,6 +43,22 @@ class RoomState:
     last: str | None = None  # None until the first subscription confirmed it
     key: tuple[int, int] = ZERO
     sent_on: object | None = None  # the subscription its SUBSCRIBE went out on
+
+
+async def wait_confirmed(state: RoomState, timeout: float,
+                         rollback: Callable[[RoomState], None]) -> None:
+    """Wait until the room's subscription is confirmed. On a timeout, or a caller that
+    gives up, ``rollback(state)``; BrokerUnavailable unless the caller was cancelled."""
+    try:
+        await asyncio.wait_for(asyncio.shield(state.ready), timeout)
+    except asyncio.CancelledError:
+        if not state.ready.cancelled():
+            rollback(state)  # our caller gave up
+            raise
+        raise BrokerUnavailable("unsubscribed while subscribing") from None
+    except asyncio.TimeoutError:
+        rollback(state)
+        raise BrokerUnavailable("no Redis endpoint confirmed the subscription") from None
 
 
 class Delivery:

@@ -40,7 +40,6 @@ from rtchat.messages import Message
 
 log = logging.getLogger("rtchat.broker.redis")
 
-SWITCH_BACK_CHECKS = 3  # clean checks in a row before leaving the master for a replica
 CATCH_UP_PER_ROOM = 0.005  # seconds a switch allows per room for its catch-up read
 PROBE_SEARCH = 200_000  # candidate probe channels tried for a tag in the shard's slots
 
@@ -229,22 +228,9 @@ class Shard:
     async def _maybe_switch(self) -> None:
         sub = self.sub
         if sub is not None and sub.alive:
-            ep = sub.endpoint
-            if not ep.healthy:
-                target = self._choose(exclude=ep)
-                if target is not None and target is not ep:
-                    await self._switch(target, ep.problem or "unhealthy")
-                return
-            master = self.topology.master
-            if self._prefer_replica:
-                if ep is master or ep.role == "master":
-                    best = self._choose(exclude=ep)
-                    if best is not None and best is not master \
-                            and best.good_checks >= SWITCH_BACK_CHECKS:
-                        await self._switch(best, "a replica is healthy again")
-            elif master is not None and ep is not master and master.healthy \
-                    and master.good_checks >= SWITCH_BACK_CHECKS:
-                await self._switch(master, "the master is healthy again")
+            move = self.topology.move_from(sub.endpoint, self._prefer_replica)
+            if move is not None:
+                await self._switch(*move)
             return
         if sub is not None:
             self._lost_from, self._lost_reason = sub.endpoint.url, sub.dead or "lost"

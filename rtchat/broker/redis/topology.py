@@ -46,6 +46,9 @@ def promoted_from(new: EndpointHealth, old: EndpointHealth) -> bool:
             and new.second_offset > 0 and new.replid != old.replid)
 
 
+SWITCH_BACK_CHECKS = 3  # clean checks in a row before leaving the master for a replica
+
+
 class Topology:
     """The master, the replicas and the verdict on each. Never awaits except in ``check``.
 
@@ -191,6 +194,28 @@ class Topology:
             ep.lag_seconds = None
         if ep.lag_seconds is not None and ep.lag_seconds > max_lag:
             return f"lagging {ep.lag_seconds:.1f}s (> {max_lag:g}s)"
+        return None
+
+    def move_from(self, ep: EndpointHealth, prefer_replica: bool
+                  ) -> tuple[EndpointHealth, str] | None:
+        """Where a live subscription on ``ep`` should move, and why; None to stay.
+
+        Off an unhealthy endpoint at once; back to a replica (or, with ``subscribe_from:
+        master``, to the master) only once it has held steady for SWITCH_BACK_CHECKS."""
+        if not ep.healthy:
+            target = self.choose(ep, prefer_replica)
+            return (target, ep.problem or "unhealthy") if target not in (None, ep) else None
+        master = self.master
+        if prefer_replica:
+            # On the master only for want of a replica: go back once one holds steady.
+            if ep is master or ep.role == "master":
+                best = self.choose(ep, prefer_replica)
+                if best is not None and best is not master \
+                        and best.good_checks >= SWITCH_BACK_CHECKS:
+                    return best, "a replica is healthy again"
+        elif master is not None and ep is not master and master.healthy \
+                and master.good_checks >= SWITCH_BACK_CHECKS:
+            return master, "the master is healthy again"
         return None
 
     def choose(self, exclude: EndpointHealth | None, prefer_replica: bool
