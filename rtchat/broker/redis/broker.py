@@ -48,7 +48,7 @@ from rtchat.broker.redis.keys import Keys
 from rtchat.broker.redis.publish import MasterReadOnly, Publisher
 from rtchat.broker.redis.sentinel import SentinelWatch
 from rtchat.broker.redis.subscription import Subscription
-from rtchat.broker.redis.topology import Topology
+from rtchat.broker.redis.topology import Topology, health_rounds
 from rtchat.config import Config, RedisConfig, mask_url
 from rtchat.messages import Message
 
@@ -273,25 +273,9 @@ class RedisBroker:
     # -- the health round, and switching ------------------------------------------------
 
     async def _monitor_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        wakeup = self._wakeup
-        assert wakeup is not None
-        next_at = loop.time() + self._interval
-        while not self._closed:
-            try:
-                await asyncio.wait_for(wakeup.wait(), max(0.0, next_at - loop.time()))
-                # Woken early: a short pause, so a burst of wake-ups is one check.
-                await asyncio.sleep(min(0.05, self._interval / 4))
-            except asyncio.TimeoutError:
-                pass
-            wakeup.clear()
-            next_at = loop.time() + self._interval
-            try:
-                await self._tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("Redis health check failed")
+        assert self._wakeup is not None
+        await health_rounds(self._wakeup, self._interval, lambda: self._closed, self._tick,
+                            "Redis")
 
     async def _tick(self) -> None:
         """One round: check endpoints, follow the topology, probe, switch, heartbeat."""

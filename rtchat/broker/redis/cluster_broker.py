@@ -51,6 +51,7 @@ from rtchat.broker.redis.keys import ClusterKeys
 from rtchat.broker.redis.publish import Publisher, Redirected
 from rtchat.broker.redis.shard import Shard
 from rtchat.broker.redis.shard_map import ClusterReader, ShardMap
+from rtchat.broker.redis.topology import health_rounds
 from rtchat.config import Config, RedisConfig
 from rtchat.messages import Message
 
@@ -272,24 +273,9 @@ class ClusterBroker:
     # -- the health round ------------------------------------------------------------------
 
     async def _monitor_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        wakeup = self._wakeup
-        assert wakeup is not None
-        next_at = loop.time() + self._interval
-        while not self._closed:
-            try:
-                await asyncio.wait_for(wakeup.wait(), max(0.0, next_at - loop.time()))
-                await asyncio.sleep(min(0.05, self._interval / 4))
-            except asyncio.TimeoutError:
-                pass
-            wakeup.clear()
-            next_at = loop.time() + self._interval
-            try:
-                await self._tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("Redis Cluster health check failed")
+        assert self._wakeup is not None
+        await health_rounds(self._wakeup, self._interval, lambda: self._closed, self._tick,
+                            "Redis Cluster")
 
     def _map_due(self) -> bool:
         assert self._map is not None

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from rtchat.broker.redis.endpoint import EndpointHealth
 
@@ -47,6 +47,29 @@ def promoted_from(new: EndpointHealth, old: EndpointHealth) -> bool:
 
 
 SWITCH_BACK_CHECKS = 3  # clean checks in a row before leaving the master for a replica
+
+
+async def health_rounds(wakeup: asyncio.Event, interval: float, closed: Callable[[], bool],
+                        tick: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``tick`` every ``interval`` until ``closed()``, and soon after a ``wakeup``
+    (a short pause first, so a burst of wake-ups is one round). A round that fails is
+    logged and the next one runs as planned."""
+    loop = asyncio.get_running_loop()
+    next_at = loop.time() + interval
+    while not closed():
+        try:
+            await asyncio.wait_for(wakeup.wait(), max(0.0, next_at - loop.time()))
+            await asyncio.sleep(min(0.05, interval / 4))
+        except asyncio.TimeoutError:
+            pass
+        wakeup.clear()
+        next_at = loop.time() + interval
+        try:
+            await tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s health check failed", what)
 
 
 class Topology:
