@@ -198,7 +198,7 @@ class Hub:
             count = await self._presence.count_now(stream.room)
             if count is not None:
                 stream.presence_count = count
-                stream.head.append(sse.json_event("presence", {"room": stream.room, "count": count}))
+                stream.head.append(self._presence.frame(stream.room, count))
             yield stream
         finally:
             stream.close(stream.close_reason or "client_gone")

@@ -22,6 +22,10 @@ log = logging.getLogger("rtchat.hub")
 
 REFRESH = 2.0  # seconds between cluster-wide presence reads for local rooms
 BATCH = 0.25  # joins and leaves within this long are one presence update
+# A room's count goes to every stream in it: a big room is told at most this many frames a
+# second, so a crowd joining it does not cost O(room size) per batch. A 5,000-stream room
+# hears of changes every 2.5 s; each joining stream is told the count at once anyway.
+TELL_PER_SECOND = 2000
 
 
 class PresenceTracker:
@@ -35,6 +39,8 @@ class PresenceTracker:
         # Per room: what this node last recorded, and the count its streams were last told.
         self._written: dict[str, Counter[str]] = {}
         self._counts: dict[str, int] = {}
+        self._told_at: dict[str, float] = {}  # when a room's streams were last told a count
+        self._frames: dict[str, tuple[int, bytes]] = {}  # the last presence frame per room
 
     def mark(self, room: str) -> None:
         """A stream joined or left ``room``: write and read its presence soon."""
@@ -63,21 +69,30 @@ class PresenceTracker:
         """Refresh rooms that changed here at once, and every room now and then."""
         loop = asyncio.get_running_loop()
         next_full = loop.time() + REFRESH
+        next_due = next_full  # the soonest a big room held back may be told again
         while not closing():
-            timer = loop.call_at(next_full, self._wakeup.set)
+            timer = loop.call_at(min(next_full, next_due), self._wakeup.set)
             try:
                 await self._wakeup.wait()
             finally:
                 timer.cancel()
             self._wakeup.clear()
             changed, self._dirty = self._dirty, set()
+            now = loop.time()
             rooms = set(changed)
-            if loop.time() >= next_full:  # other nodes' clients come and go too
-                next_full = loop.time() + REFRESH
+            if now >= next_full:  # other nodes' clients come and go too
+                next_full = now + REFRESH
                 rooms |= set(self._rooms())
+            next_due = next_full
             for room in rooms:
                 if closing():
                     return
+                wait = self._pause(room, now)
+                if wait > 0:  # a big room told recently: this change waits its turn
+                    if room in changed:
+                        self._dirty.add(room)
+                    next_due = min(next_due, now + wait)
+                    continue
                 try:
                     await self.refresh(room, write=room in changed)
                 except asyncio.CancelledError:
@@ -87,6 +102,26 @@ class PresenceTracker:
                     if room in changed:
                         self._dirty.add(room)  # write it on the next round
             await asyncio.sleep(BATCH)
+
+    def frame(self, room: str, count: int) -> bytes:
+        """The presence event for ``room`` at ``count``: built once, sent to every stream."""
+        last = self._frames.get(room)
+        if last is not None and last[0] == count:
+            return last[1]
+        frame = sse.json_event("presence", {"room": room, "count": count})
+        self._frames[room] = (count, frame)
+        return frame
+
+    def _pause(self, room: str, now: float) -> float:
+        """How long ``room`` must wait before its streams are told again (0: now)."""
+        streams = self._streams_of(room)
+        if not streams:
+            self._told_at.pop(room, None)
+            return 0.0
+        told = self._told_at.get(room)
+        if told is None:
+            return 0.0
+        return told + len(streams) / TELL_PER_SECOND - now
 
     async def refresh(self, room: str, write: bool) -> None:
         """Record this node's clients of ``room`` (when they changed), then read the cluster's
@@ -100,6 +135,8 @@ class PresenceTracker:
             else:
                 self._written.pop(room, None)
                 self._counts.pop(room, None)
+                self._told_at.pop(room, None)
+                self._frames.pop(room, None)
         streams = self._streams_of(room)
         if not streams:
             return
@@ -107,7 +144,8 @@ class PresenceTracker:
         if presence.count == self._counts.get(room, -1):
             return
         self._counts[room] = presence.count
-        frame = sse.json_event("presence", {"room": room, "count": presence.count})
+        self._told_at[room] = asyncio.get_running_loop().time()
+        frame = self.frame(room, presence.count)
         for stream in tuple(streams):
             if stream.rooms:
                 stream.push(frame)  # one count per room: no single "last told"

@@ -205,3 +205,44 @@ def test_a_join_while_the_rooms_unsubscribe_is_in_flight_ends_subscribed() -> No
 def test_the_prev_chain_decides_whether_a_replay_is_complete(last_id, first_prev, newest,
                                                               complete) -> None:
     assert replay_is_complete(last_id, first_prev, newest) is complete
+
+
+def test_a_big_rooms_presence_is_told_at_a_paced_rate(monkeypatch) -> None:
+    """Joins into a crowded room are told to its streams at most TELL_PER_SECOND frames a
+    second: a burst of joins costs one broadcast per pause, never one per batch; each new
+    stream is still told the count at once, and the last count always arrives."""
+    from rtchat import presence
+
+    monkeypatch.setattr(presence, "TELL_PER_SECOND", 10)  # 5 streams: one broadcast per 0.5 s
+
+    async def until(check, timeout: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not check():
+            assert asyncio.get_running_loop().time() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+
+    def counts(sink: RecordingSink) -> list[int]:
+        text = b"".join(sink.writes).decode()
+        return [int(line.split('"count":')[1].split("}")[0])
+                for line in text.splitlines() if line.startswith("data:") and '"count"' in line]
+
+    async def go() -> None:
+        async with running_hub() as hub, contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(hub.connect("room", "a", "ip", "ua"))
+            assert first.head and b'"count":1' in first.head[-1]  # told on join
+            sink = RecordingSink()
+            first.attach(sink)
+            for i in range(4):  # a crowd: 5 streams
+                joined = await stack.enter_async_context(hub.connect("room", f"n{i}", "ip", "ua"))
+                assert f'"count":{i + 2}'.encode() in joined.head[-1]
+            await until(lambda: counts(sink)[-1:] == [5])
+            told = len(counts(sink))
+            # Five more join over a second: unpaced, that is a broadcast per 0.25 s batch;
+            # paced (a 0.6-1 s pause at 6-10 streams), at most two. The last count told
+            # is the room's.
+            for i in range(5):
+                await stack.enter_async_context(hub.connect("room", f"m{i}", "ip", "ua"))
+                await asyncio.sleep(0.2)
+            await until(lambda: counts(sink)[-1:] == [10])
+            assert len(counts(sink)) - told <= 2, counts(sink)
+    asyncio.run(go())
