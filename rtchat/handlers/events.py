@@ -69,6 +69,15 @@ class SocketSink:
 CATCH_UP_PIECE = 64 * 1024
 
 
+async def _written(flushed: Future[None], timeout: float) -> None:
+    """Wait for a write to leave, for at most ``timeout``: no timer when it left at once
+    (a fresh stream's head nearly always does)."""
+    if not flushed.done():
+        await asyncio.wait_for(flushed, timeout)
+    else:
+        flushed.result()  # a failed write raises here
+
+
 class EventStreamHandler(ApiHandler):
     """``GET /rooms/<room>/events``: one room; ``GET /events?rooms=a,b``: several on one
     connection, whose ids are resume cursors for the whole set."""
@@ -193,11 +202,11 @@ class EventStreamHandler(ApiHandler):
                 self.write(frame)
                 pending += len(frame)
                 if pending >= CATCH_UP_PIECE:
-                    await asyncio.wait_for(self.flush(), timeout)
+                    await _written(self.flush(), timeout)
                     pending = 0
                 if stream.closed:
                     return
-            await asyncio.wait_for(self.flush(), timeout)
+            await _written(self.flush(), timeout)
         except (StreamClosedError, asyncio.TimeoutError):
             stream.close("client_gone")
             self._abort()
