@@ -12,12 +12,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 FORWARDING_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
+_FORWARDING_LOWER = frozenset(name.lower() for name in FORWARDING_HEADERS)
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 _FORWARDED_FOR = re.compile(r'(?i)(?:^|[;,\s])for\s*=\s*"?\[?([^\]";,\s]+)')
 
@@ -44,6 +45,9 @@ def is_loopback(address: str) -> bool:
 
 def has_forwarding(headers: Mapping[str, str]) -> bool:
     """Whether the request names a client other than its TCP peer (it came through a proxy)."""
+    # The names first: a header lookup that misses raises and catches a KeyError inside.
+    if _FORWARDING_LOWER.isdisjoint(name.lower() for name in headers):
+        return False
     return any(headers.get(name) for name in FORWARDING_HEADERS)
 
 
@@ -52,6 +56,8 @@ class ProxyTrust:
     """Which peers' forwarding headers are believed, and how the client is read from them."""
 
     networks: tuple[IPNetwork, ...]
+    # Peers judged so far: parsing an address costs more than the rest of a request's checks.
+    _judged: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, xheaders: bool, trusted: Iterable[str]) -> ProxyTrust:
@@ -61,8 +67,14 @@ class ProxyTrust:
         return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs))
 
     def trusts(self, address: str) -> bool:
-        ip = parse_ip(address)
-        return ip is not None and any(ip in net for net in self.networks)
+        judged = self._judged.get(address)
+        if judged is None:
+            if len(self._judged) >= 4096:  # bounded: many peers only cost the parse again
+                self._judged.clear()
+            ip = parse_ip(address)
+            judged = self._judged[address] = (ip is not None
+                                              and any(ip in net for net in self.networks))
+        return judged
 
     def client(self, peer: str, headers: Mapping[str, str]) -> str:
         """The client's address: ``peer`` unless ``peer`` is trusted and forwarded another.
