@@ -326,6 +326,13 @@ class RtchatTarget(Target):
             "PYTHONPATH": str(ROOT),
             "RTCHAT_LIMITS__RATE__MESSAGES_PER_SECOND": "1000000",
             "RTCHAT_LIMITS__RATE__BURST": "1000000",
+            # Every bench client is 127.0.0.1: lift the per-address limits too (the
+            # stream cap would hold a 10,000-stream run to 100).
+            "RTCHAT_LIMITS__MAX_STREAMS_PER_ADDRESS": "1000000",
+            "RTCHAT_LIMITS__MAX_CONNECTIONS_PER_ADDRESS": "1000000",
+            "RTCHAT_LIMITS__MAX_CLIENTS": "1000000",
+            "RTCHAT_LIMITS__READ_RATE__REQUESTS_PER_SECOND": "1000000",
+            "RTCHAT_LIMITS__READ_RATE__BURST": "1000000",
             "RTCHAT_LOGGING__LEVEL": "warning",
             "RTCHAT_SHUTDOWN__DRAIN_SECONDS": "0",
         }
