@@ -172,23 +172,24 @@ class Hub:
     def _new_stream(self, room: str, rooms: tuple[str, ...], nick: str, remote: str,
                     user_agent: str, user: str, expires: float | None) -> Stream:
         stream = Stream(room, nick, remote, user_agent, self.cfg.sse.max_queue, self._stream_ready,
-                        max_bytes=self.cfg.sse.max_buffer_bytes, rooms=rooms)
+                        max_bytes=self.cfg.sse.max_buffer_bytes, rooms=rooms,
+                        on_closed=self._leave)
         if user:
             stream.user = user  # a ban names the identity, not the address
         if expires:
             stream.expires = expires
         return stream
 
-    @contextlib.asynccontextmanager
-    async def connect(self, room: str, nick: str, remote: str, user_agent: str,
-                      last_event_id: str = "", user: str = "",
-                      expires: float | None = None) -> AsyncIterator[Stream]:
-        """Register a stream in ``room``; live messages queue from the moment this enters.
+    async def open(self, room: str, nick: str, remote: str, user_agent: str,
+                   last_event_id: str = "", user: str = "",
+                   expires: float | None = None) -> Stream:
+        """Register a stream in ``room``; live messages queue from the moment this starts.
 
         With ``last_event_id`` the stream's ``head`` holds the frames the client
         missed (``reset`` first when history has a gap), and live messages it
         already covers are skipped. Raises BrokerUnavailable when the room cannot
-        be subscribed or its history read.
+        be subscribed or its history read. The stream leaves the hub when it
+        closes, whoever closes it (``Stream.close``).
         """
         stream = self._new_stream(room, (), nick, remote, user_agent, user, expires)
         await self._join(stream)
@@ -199,20 +200,19 @@ class Hub:
             if count is not None:
                 stream.presence_count = count
                 stream.head.append(self._presence.frame(stream.room, count))
-            yield stream
-        finally:
+        except BaseException:
             stream.close(stream.close_reason or "client_gone")
-            self._leave(stream)
+            raise
+        return stream
 
-    @contextlib.asynccontextmanager
-    async def connect_rooms(self, rooms: tuple[str, ...], nick: str, remote: str, user_agent: str,
-                            last_event_id: str = "", user: str = "",
-                            expires: float | None = None) -> AsyncIterator[Stream]:
+    async def open_rooms(self, rooms: tuple[str, ...], nick: str, remote: str,
+                         user_agent: str, last_event_id: str = "", user: str = "",
+                         expires: float | None = None) -> Stream:
         """One stream over several rooms; its ids are resume cursors for the whole set.
 
         ``last_event_id`` (a cursor) resumes every room it names (``reset`` with the
         room where its history has a gap); the other rooms start live. BadCursor for a
-        cursor this server did not write; BrokerUnavailable as for ``connect``.
+        cursor this server did not write; BrokerUnavailable as for ``open``.
         """
         resumed = cursor_mod.decode(last_event_id, rooms) if last_event_id else {}
         stream = self._new_stream(rooms[0], rooms, nick, remote, user_agent, user, expires)
@@ -228,10 +228,19 @@ class Hub:
                     stream.head.append(sse.json_event("presence", {"room": room, "count": count},
                                                       id=cursor))
                     cursor = None
+        except BaseException:
+            stream.close(stream.close_reason or "client_gone")
+            raise
+        return stream
+
+    @contextlib.asynccontextmanager
+    async def connect(self, room: str, *args: Any, **kwargs: Any) -> AsyncIterator[Stream]:
+        """``open``, closed on leaving the block."""
+        stream = await self.open(room, *args, **kwargs)
+        try:
             yield stream
         finally:
             stream.close(stream.close_reason or "client_gone")
-            self._leave(stream)
 
     # -- what handlers may ask ----------------------------------------------------
 

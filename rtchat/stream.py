@@ -37,15 +37,17 @@ class Stream:
 
     __slots__ = (
         "_closed_waiter", "_dirty", "_end_when_sent", "_held", "_inflight", "_key_skip",
-        "_on_ready", "_progress", "_queue", "_queued_bytes", "_sink", "_writing", "abort",
-        "close_reason", "closed", "connected_at", "cursor", "expires", "head", "id",
+        "_on_closed", "_on_ready", "_progress", "_queue", "_queued_bytes", "_sink", "_writing",
+        "abort", "close_reason", "closed", "connected_at", "cursor", "end", "expires", "head",
+        "id",
         "last_event_id", "max_bytes", "max_queue", "nick", "presence_count", "remote", "room",
         "rooms", "user", "user_agent", "write_started",
     )
 
     def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
                  on_ready: Callable[[Stream], None] | None = None,
-                 max_bytes: int = 1 << 62, rooms: tuple[str, ...] = ()) -> None:
+                 max_bytes: int = 1 << 62, rooms: tuple[str, ...] = (),
+                 on_closed: Callable[[Stream], None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.room = room
         # A multi-room stream's rooms (() for one room): its messages carry a resume cursor
@@ -69,6 +71,10 @@ class Stream:
         self.close_reason = ""
         # Called (once) when the stream must drop its connection without a goodbye.
         self.abort: Callable[[], None] | None = None
+        # Called (once) when the stream closes, whoever closes it: the connection ends its
+        # response. No task waits for the end of a live stream; this is how it hears of it.
+        self.end: Callable[[], None] | None = None
+        self._on_closed = on_closed  # the hub's: the stream leaves its rooms
         # A list, not a deque: it is emptied whole, never popped from the left, and an
         # empty deque costs ~760 bytes per idle stream where an empty list costs 56.
         self._queue: list[tuple[bytes, str | None]] = []
@@ -248,6 +254,17 @@ class Stream:
         waiter = self._closed_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        # A close must complete whatever a callback does: it runs inside the hub's loops.
+        if self._on_closed is not None:
+            try:
+                self._on_closed(self)
+            except Exception:
+                log.exception("stream %s: leaving its rooms failed", self.id)
+        if self.end is not None:
+            try:
+                self.end()
+            except Exception:
+                log.exception("stream %s: ending its response failed", self.id)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -39,6 +39,7 @@ class SSEClient:
         self._buf = b""
         self._chunked = False
         self._eof = False
+        self.ended_cleanly = False
         self._pending = Event()
         self._data_lines: list[str] = []
         self._has_fields = False
@@ -102,6 +103,7 @@ class SSEClient:
                 size = int(size_line.strip().split(b";")[0], 16)
                 if size == 0:
                     self._eof = True
+                    self.ended_cleanly = True  # the last chunk: the server finished the response
                     return False
                 data = await self.reader.readexactly(size + 2)
                 self._buf += data[:-2]

@@ -276,3 +276,38 @@ async def test_the_page_of_an_empty_room_misses_nothing_posted_before_its_stream
         assert ev.event == "message" and ev.json()["text"] == "posted between page and stream"
     finally:
         await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_live_stream_keeps_no_task_and_still_ends_cleanly(start_node) -> None:
+    """Past its head a stream is written by the hub and no handler task waits on it (one
+    per stream cost memory and a task switch per close). Its end, from either side, still
+    finishes the response with the last chunk and takes it out of the room."""
+    node = await start_node()
+
+    def handler_tasks() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if "_execute" in t.get_coro().__qualname__]
+
+    clients = [await SSEClient.open(node.url, "idle", nick=f"c{i}") for i in range(10)]
+    await async_wait_for(lambda: node.hub.client_count == 10)
+    for c in clients:  # each is live: it got its presence event
+        assert (await c.next_event(timeout=5)).event == "presence"
+    assert handler_tasks() == []
+    # The hub ends one (as an admin disconnect or a drain does): a clean end of response.
+    victim = next(s for s in node.hub.streams() if s.nick == "c3")
+    assert node.hub.disconnect(victim.id)
+    assert await clients[3].until_closed(timeout=5) == []
+    assert clients[3].ended_cleanly
+    # A client that goes is forgotten by the hub.
+    await clients[5].aclose()
+    await async_wait_for(lambda: node.hub.client_count == 8)
+    assert sorted(s.nick for s in node.hub.streams()) == [
+        f"c{i}" for i in range(10) if i not in (3, 5)]
+    # The rest still get messages.
+    resp = await node.post("idle", "still here")
+    assert resp.code == 201
+    for i, c in enumerate(clients):
+        if i not in (3, 5):
+            assert [m["text"] for m in await c.messages(1, timeout=5)] == ["still here"]
+        await c.aclose()
+    await async_wait_for(lambda: node.hub.client_count == 0)

@@ -1,9 +1,10 @@
 """The SSE stream of one room: catch-up from history, then live, until either side goes.
 
-After the head, the hub writes frames straight to the connection; the
-handler only waits for the stream's end, which comes when the client goes
-(``on_connection_close`` closes the hub stream) or when the hub drops it
-(eviction, admin, drain).
+After the head, the hub writes frames straight to the connection and the
+handler's ``get`` returns: no task waits on a live stream. Its end comes when
+the client goes (``on_connection_close`` closes the hub stream) or when the
+hub drops it (eviction, admin, drain); either way ``Stream.close`` calls
+back, and the handler finishes the response.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import asyncio
 import time
 from asyncio import Future
 
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamClosedError
 
 from rtchat import cursor as cursor_mod
 from rtchat import sse
-from rtchat.broker.base import BrokerUnavailable
 from rtchat.handlers.base import ApiHandler
 from rtchat.messages import normalize_nick, valid_id
 from rtchat.stream import Stream
@@ -131,22 +132,24 @@ class EventStreamHandler(ApiHandler):
         agent = self.request.headers.get("User-Agent", "")
         try:
             if rooms:
-                connecting = hub.connect_rooms(rooms, nick, self.client_address, agent, last_id,
-                                               **who)
+                stream = await hub.open_rooms(rooms, nick, self.client_address, agent, last_id,
+                                              **who)
             else:
-                connecting = hub.connect(room, nick, self.client_address, agent, last_id, **who)
-            async with connecting as stream:
-                self.stream = stream
-                stream.abort = self._abort
-                self._start_stream()
-                await self._pump(stream, stream.head)
-        except BrokerUnavailable:
-            if self._headers_written:
-                return  # the stream already started; the client reconnects and resumes
-            raise  # 503, from ApiHandler.write_error
+                stream = await hub.open(room, nick, self.client_address, agent, last_id, **who)
         except cursor_mod.BadCursor as e:
             raise self.reject(400, "bad_last_event_id", f"not a cursor of these rooms: {e}") \
                 from None
+        # (A BrokerUnavailable from opening is a 503, from ApiHandler.write_error: nothing
+        # is written before the head.)
+        try:
+            self.stream = stream
+            stream.abort = self._abort
+            self._start_stream()
+            if await self._send_head(stream):
+                self._go_live(stream)
+        except BaseException:
+            stream.close(stream.close_reason or "client_gone")
+            raise
 
     def _rooms(self) -> tuple[str, ...]:
         """``?rooms=a,b,c``: 1 to ``limits.max_rooms_per_stream`` valid, distinct room names."""
@@ -191,31 +194,43 @@ class EventStreamHandler(ApiHandler):
         self.write(sse.retry(sse.jittered_retry(self.ctx.cfg.sse.retry_ms)))
         self.write(sse.comment(f"rtchat {self.ctx.hub.node_id} {time.time():.3f}"))
 
-    async def _pump(self, stream: Stream, head: list[bytes]) -> None:
-        """Send the head and the catch-up, piece by piece, then let the hub write straight to
-        the connection until the end. A piece not taken within ``sse.write_timeout_seconds``
-        ends the stream (the client resumes from what it got)."""
+    async def _send_head(self, stream: Stream) -> bool:
+        """Send the head and the catch-up, piece by piece. A piece not taken within
+        ``sse.write_timeout_seconds`` ends the stream (the client resumes from what it
+        got). False when the stream ended meanwhile."""
         timeout = self.ctx.cfg.sse.write_timeout_seconds
         pending = 0
         try:
-            for frame in head:
+            for frame in stream.head:
                 self.write(frame)
                 pending += len(frame)
                 if pending >= CATCH_UP_PIECE:
                     await _written(self.flush(), timeout)
                     pending = 0
                 if stream.closed:
-                    return
+                    return False
             await _written(self.flush(), timeout)
         except (StreamClosedError, asyncio.TimeoutError):
             stream.close("client_gone")
             self._abort()
-            return
-        # From here on the hub writes to the socket itself (one chunk per batch), with
-        # no per-client task waking up for each message.
+            return False
+        stream.head = []
+        return not stream.closed
+
+    def _go_live(self, stream: Stream) -> None:
+        """From here on the hub writes to the socket itself (one chunk per batch), and no
+        task waits for the stream: ``get`` returns, and the stream's close ends the
+        response (``_end``). A live stream costs its connection and its Stream only."""
+        self._auto_finish = False
+        stream.end = self._end
         chunked = self._headers.get("Transfer-Encoding", "").lower() == "chunked"
+        self._headers = HTTPHeaders()  # sent: nothing reads them again (0.8 KiB per stream)
         stream.attach(SocketSink(self.request.connection.stream, chunked))  # type: ignore[attr-defined]
-        await stream.wait_closed()
+
+    def _end(self) -> None:
+        """The stream closed: end the response (its last chunk, and the access log line)."""
+        if not self._finished:
+            self.finish()
 
     def _abort(self) -> None:
         """Drop the connection at once: the client is too slow to be sent a goodbye."""
