@@ -98,13 +98,30 @@ class _Conn:
         self.progress_at = self.since
 
 
+class _ShortQueue(list):  # type: ignore[type-arg]
+    """A deque's left end on a list, for queues that stay a few items long. An empty deque
+    holds a 64-slot block (about 620 bytes), an empty list 56: an idle stream's
+    connection has two such queues (a stream writes again only once its last write left)."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
 class _GuardedStream(IOStream):
     """An IOStream that answers 431 when the request head outgrows ``max_header_bytes``.
 
-    Tornado closes such a connection silently; the client deserves a status line.
+    Tornado closes such a connection silently; the client deserves a status line. Its
+    write queues are short lists (``_ShortQueue``), not deques: 1.1 KiB less per stream.
     """
 
     conn: _Conn | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_buffer._buffers = _ShortQueue()  # type: ignore[assignment]
+        self._write_futures = _ShortQueue()  # type: ignore[assignment]
 
     def close(self, exc_info: Any = False) -> None:
         error = exc_info if isinstance(exc_info, BaseException) else None
