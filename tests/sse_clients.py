@@ -127,8 +127,9 @@ class NodeEventSource:
         self.url = url
         self.lines: list[dict[str, Any]] = []
         self._cond = threading.Condition()
+        command = node_client_command()  # first: a skip must not leave the file open
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen([*node_client_command(), url], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([*command, url], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr, cwd=JS_DIR)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

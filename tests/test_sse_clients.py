@@ -102,8 +102,8 @@ def test_npm_eventsource_sees_no_empty_events_and_resumes_exactly(spawn_node) ->
     # A reconnect 0.75-2.25 s after a dropped stream: time to miss messages.
     node = spawn_node(env=env_for_tests(RTCHAT_SSE__RETRY_MS="1500", **HEARTBEATS))
     room = "npm-resume"
+    es = NodeEventSource(events_url(node.url, room))  # first: it skips when npm is missing
     tap = RawStream(node.url, f"/rooms/{room}/events")
-    es = NodeEventSource(events_url(node.url, room))
     try:
         tap.wait(lambda t: t.status == 200, 10, "the tap's stream")
         es.wait(lambda s: s.events(), 10, "the presence event after the head")
