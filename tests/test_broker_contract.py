@@ -116,6 +116,25 @@ def test_read_since_is_truncated_after_trimming(broker: BrokerFactory) -> None:
     asyncio.run(scenario())
 
 
+def test_resumes_asked_together_each_get_their_own_replay(broker: BrokerFactory) -> None:
+    """A crowd resuming one room at once (a dead node's clients) gets what each missed, and
+    each its own verdict on gaps, however the broker serves them together."""
+    async def scenario() -> None:
+        async with broker(**{"history.size": 10}) as (b, _):
+            msgs = [(await b.publish("lobby", "ann", f"m{i}")).message for i in range(250)]
+            held = await b.history("lobby", 1000)  # Redis trims with MAXLEN ~: not all 250
+            assert len(held) < 250
+            ids = [m.id for m in held] + [msgs[0].id, "1-0", held[-1].id]
+            alone = [await b.read_since("lobby", i) for i in ids]
+            together = await asyncio.gather(*(b.read_since("lobby", i) for i in ids))
+            assert together == alone
+            assert together[0].messages == held[1:] and not together[0].truncated
+            assert together[-3].truncated and together[-3].messages == held  # trimmed past it
+            assert together[-1].messages == [] and not together[-1].truncated
+
+    asyncio.run(scenario())
+
+
 def test_subscribed_room_gets_each_message_once_in_order(broker: BrokerFactory) -> None:
     async def scenario() -> None:
         async with broker() as (b, inbox):

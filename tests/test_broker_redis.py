@@ -183,6 +183,33 @@ def test_publish_history_and_gap_rules(cluster: tuple[RedisServer, ...]) -> None
     asyncio.run(scenario())
 
 
+def test_a_crowd_resuming_one_room_shares_one_read_and_one_presence_read(
+        start_redis: Callable[..., RedisServer]) -> None:
+    """200 clients resuming one room at once (a dead node's clients arriving) cost one
+    MULTI of range reads and one presence read, not 200 of each: a storm must not queue
+    for the connection pool until its wait runs out (503 to everyone)."""
+    master = start_redis()
+
+    def calls(command: str) -> int:
+        with master.client() as c:
+            return int(c.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    async def scenario() -> None:
+        async with running(redis_config(master)) as (b, _):
+            ids = [(await b.publish("room", "ann", f"m{i}")).message.id for i in range(20)]
+            ranges, hashes = calls("xrange"), calls("hgetall")
+            replays, presences = await asyncio.gather(
+                asyncio.gather(*(b.read_since("room", ids[i % 20]) for i in range(200))),
+                asyncio.gather(*(b.presence("room") for _ in range(200))))
+            assert [len(r.messages) for r in replays] == [19 - i % 20 for i in range(200)]
+            assert not any(r.truncated for r in replays)
+            assert len(presences) == 200
+            assert calls("xrange") - ranges == 2  # one MULTI: the range and the oldest entry
+            assert calls("hgetall") - hashes == 1
+
+    asyncio.run(scenario())
+
+
 def test_replicated_is_none_without_replicas_and_acks_with_them(
         start_redis: Callable[..., RedisServer]) -> None:
     master = start_redis()

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from rtchat.broker.base import BrokerUnavailable, NodeStats, Presence
-from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, read_first
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, read_first, shared
 from rtchat.broker.redis.keys import Keys
 from rtchat.broker.verdict import MISSING_KEPT_SECONDS
 
@@ -43,6 +43,7 @@ class ClusterState:
         self._ttl = heartbeat_ttl
         self._check_timeout = check_timeout
         self._presence: dict[str, dict[str, int]] = {}
+        self._presence_reads: dict[str, asyncio.Future[Presence]] = {}  # in flight, per room
         self.node_stats: NodeStats | None = None
 
     @property
@@ -116,7 +117,13 @@ class ClusterState:
 
     async def presence(self, eps: list[EndpointHealth], master: EndpointHealth | None,
                        room: str) -> Presence:
-        """Presence summed over nodes whose heartbeat is alive (a dead node's clients drop off)."""
+        """Presence summed over nodes whose heartbeat is alive (a dead node's clients drop off).
+        Asked again while a read of the room is in flight, that read answers (``shared``)."""
+        return await shared(self._presence_reads, room,
+                            lambda: self._read_presence(eps, master, room))
+
+    async def _read_presence(self, eps: list[EndpointHealth], master: EndpointHealth | None,
+                             room: str) -> Presence:
         pkey = self._keys.presence(room)
         node_key = self._keys.node
 
