@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from probes import async_wait_for
 
 from rtchat.bench.clients import PAYLOAD_RE, StreamProtocol, Subscriber, id_order_key, make_text
 from rtchat.bench.options import Options, parse_args
@@ -96,6 +97,15 @@ def test_sse_parser_gives_the_same_events_when_fed_byte_by_byte(eol: bytes) -> N
     assert whole == [SseEvent(b"message", b"one\ntwo", b"1-1"),
                      SseEvent(b"message", b"three", b"1-2")]
     assert feed_all(SseParser(), [stream[i:i + 1] for i in range(len(stream))]) == whole
+
+
+def test_sse_parser_keeps_the_last_valid_retry_and_ignores_one_not_all_digits() -> None:
+    # The SSE spec: a retry field whose value is not only ASCII digits is ignored.
+    parser = SseParser()
+    parser.feed(b"retry: 2500\n\nretry: 1.5\n\nretry: soon\n\nretry:\n\nretry: -1\n\n")
+    assert parser.retry_ms == 2500
+    parser.feed(b"retry:700\n")
+    assert parser.retry_ms == 700
 
 
 def test_sse_parser_keeps_the_last_event_id_across_events() -> None:
@@ -311,7 +321,7 @@ def test_a_stream_with_a_content_length_ends_after_its_body(pieces: int) -> None
             assert not transport.closed
             proto.data_received(answer[at:at + step])
         assert proto._sse.comments == 1
-        return transport.closed, sub.other_events, proto._sse.retry_ms
+        return transport.closed, sub.other_events, sub.retry_ms  # kept for the reconnect
 
     assert asyncio.run(go()) == (True, 0, 3000)
 
@@ -636,6 +646,60 @@ def test_reconnect_resumes_kicked_streams_without_loss(node: str) -> None:
     assert report["acked"] == 150
     assert report["expected"] == report["delivered"] == 450
     assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
+
+
+class TimedBench(Bench):
+    """A bench that notes, per client, when its stream was lost (and the ``retry:`` it held
+    then) and when it began to reopen it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.lost: dict[int, tuple[float, int | None]] = {}
+        self.reopening: dict[int, float] = {}
+
+    def _on_lost(self, proto: StreamProtocol) -> None:
+        sub = proto.sub
+        if not (proto.closing or self.stopping) and sub.protocol is proto:
+            self.lost.setdefault(sub.index, (time.monotonic(), sub.retry_ms))
+        super()._on_lost(proto)
+
+    async def _open(self, sub: Subscriber, timeout: float) -> str | None:
+        if sub.index in self.lost:
+            self.reopening.setdefault(sub.index, time.monotonic())
+        return await super()._open(sub, timeout)
+
+
+def test_reconnect_waits_the_retry_the_server_sent(start_node: Callable[..., str]) -> None:
+    # The node sends "retry: <500..1500>" (1000 ms, jittered +-50%) in every stream's head;
+    # a kicked stream waits that long, as EventSource does, not the 0.01 s --reconnect-delay.
+    url = start_node(**UNLIMITED, RTCHAT_SSE__RETRY_MS="1000")
+    opts = parse_args(["--url", url, "--clients", "3", "--messages", "150", "--rate", "50",
+                       "--reconnect", "--reconnect-delay", "0.01", "--room-prefix", "retry-"])
+
+    async def go() -> tuple[TimedBench, dict]:
+        loop = asyncio.get_running_loop()
+        bench = TimedBench(opts, lambda line: None)
+        run = loop.create_task(bench.run())
+        await async_wait_for(lambda: bench.first_send_wall or run.done(), BENCH_TIMEOUT,
+                             "the bench to start sending", interval=0.01)
+        assert bench.first_send_wall, run.exception() if run.done() else "not sending"
+        status = await loop.run_in_executor(None, admin_json, url, "/admin/api/status")
+        kicked = [c["id"] for c in status["clients"]["listed"] if c["room"] == "retry-0"]
+        assert len(kicked) == 3
+        for client_id in kicked:
+            await loop.run_in_executor(
+                None, lambda c=client_id: admin_json(url, f"/admin/api/clients/{c}/disconnect",
+                                                     method="POST"))
+        return bench, await asyncio.wait_for(run, BENCH_TIMEOUT)
+
+    bench, report = asyncio.run(go())
+    assert (report["disconnects"], report["reconnects"]) == (3, 3)
+    assert (report["lost"], report["duplicates"], report["out_of_order"]) == (0, 0, 0)
+    assert sorted(bench.lost) == sorted(bench.reopening) == [0, 1, 2]
+    for index, (lost_at, retry_ms) in bench.lost.items():
+        assert retry_ms is not None and 500 <= retry_ms <= 1500, retry_ms
+        waited = bench.reopening[index] - lost_at
+        assert retry_ms / 1000 - 0.02 <= waited <= retry_ms / 1000 + 0.5, (retry_ms, waited)
 
 
 def expected_deliveries(clients: int, rooms: int, per_stream: int, messages: int) -> int:

@@ -58,8 +58,8 @@ class Subscriber:
     __slots__ = ("connected", "delivered", "disconnects", "duplicates", "error", "foreign",
                  "index", "last_delivery", "last_event_id", "latencies", "max_key", "max_seq",
                  "misrouted", "order_by_ids", "other_events", "out_of_order", "protocol",
-                 "reconnects", "resets", "rooms", "run_id", "seen", "slots", "target",
-                 "unsynced")
+                 "reconnects", "resets", "retry_ms", "rooms", "run_id", "seen", "slots",
+                 "target", "unsynced")
 
     def __init__(self, index: int, rooms: Sequence[int], target: Target,
                  room_messages: Sequence[int], run_id: bytes, latencies: array,
@@ -77,6 +77,9 @@ class Subscriber:
         self.protocol: StreamProtocol | None = None
         self.error: str | None = None
         self.last_event_id = b""
+        # The last valid ``retry:`` any of its streams gave (ms), as EventSource keeps its
+        # reconnection time across connections; None until a server sends one.
+        self.retry_ms: int | None = None
         self.delivered = self.duplicates = self.out_of_order = 0
         self.misrouted = self.foreign = self.resets = self.other_events = 0
         self.disconnects = self.reconnects = 0
@@ -156,6 +159,7 @@ class StreamProtocol(asyncio.Protocol):
         # As EventSource does: the last event ID outlives a connection, so a stream that
         # resumes and then sees only id-less events resumes from the same place next time.
         self._sse.last_event_id = sub.last_event_id
+        self._sse.retry_ms = sub.retry_ms
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -197,6 +201,9 @@ class StreamProtocol(asyncio.Protocol):
             self.sub.error = f"protocol: {e}"
             self.transport.close()  # type: ignore[union-attr]
             return
+        # A ``retry:`` comes in a stream's head or its "come back later" answer, usually with
+        # no event: keep it whether or not anything was dispatched.
+        self.sub.retry_ms = self._sse.retry_ms
         if events:
             now = time.time()
             on_event = self.sub.on_event

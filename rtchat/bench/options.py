@@ -86,9 +86,10 @@ class Options:
              "reported as unsent (default 0: no limit)")
     reconnect: bool = _flag("--reconnect", action="store_true", default=False,
                             help="reopen a stream the server closed, with Last-Event-ID, "
-                                 "as EventSource does")
-    reconnect_delay: float = _flag("--reconnect-delay", type=float, default=0.1, metavar="S",
-                                   help="delay before a reconnect (default 0.1)")
+                                 "after the last retry: the server sent, as EventSource does")
+    reconnect_delay: float = _flag(
+        "--reconnect-delay", type=float, default=0.1, metavar="S",
+        help="delay before a reconnect while no stream has sent a retry: (default 0.1)")
     room_prefix: str = _flag(
         # Absent unless given, so an empty --room-prefix "" is an error, not the default.
         "--room-prefix", default="", cli_default=argparse.SUPPRESS, metavar="P",

@@ -133,9 +133,16 @@ class Bench:
             self.reconnect_tasks.add(task)
             task.add_done_callback(self.reconnect_tasks.discard)
 
+    def reconnect_delay(self, sub: Subscriber) -> float:
+        """Seconds to wait before reopening ``sub``'s stream: as EventSource does, the last
+        ``retry:`` its streams were given, else ``--reconnect-delay``."""
+        if sub.retry_ms is not None:
+            return sub.retry_ms / 1000.0
+        return self.opts.reconnect_delay
+
     async def _reconnect(self, sub: Subscriber) -> None:
         while not self.stopping:
-            await asyncio.sleep(self.opts.reconnect_delay)
+            await asyncio.sleep(self.reconnect_delay(sub))
             if self.stopping:
                 return
             if await self._open(sub, self.opts.connect_timeout) is None:
