@@ -493,7 +493,7 @@ def test_rolling_restart_under_load_loses_duplicates_and_reorders_nothing(
             log_mark = nginx.access_log.stat().st_size
             node.start()
             await until_async(lambda n=node: readyz(n), 20, f"{node.name} to be ready again")
-            # Back in nginx's rotation (after its fail_timeout) before the next node goes.
+            # Serving through nginx again before the next node goes.
             await async_wait_for(lambda n=node, m=log_mark: node_serves_through_nginx(n, m), 20,
                                  interval=0.1, what=f"nginx to send {node.name} traffic again")
         acked = len(publisher.acked)
