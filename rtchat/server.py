@@ -15,8 +15,8 @@ Tornado's ``HTTPServer`` does the HTTP; this subclass holds the door:
   (trusted proxies are exempt: they carry many clients);
 - out of file descriptors, accepting pauses and backs off, one log line per
   interval, and ``/readyz`` says why, while open connections are served on.
-Tornado's body timeout stays on as a backstop behind these; the head and idle
-times are the sweeper's alone (one pass a second, no timer per request).
+These times are the sweeper's alone (one pass a second): tornado keeps no
+timer per request.
 """
 
 from __future__ import annotations
@@ -200,12 +200,11 @@ class GuardedHTTPServer(HTTPServer):
             # The guard answers 413 at limits.max_body_bytes, declared or chunked; this
             # only keeps tornado from refusing a large chunk with a 400 first.
             max_body_size=1 << 40,
-            # A backstop only: the sweeper below enforces the real limits, with a status line.
-            body_timeout=http.body_timeout_seconds + 5,
             **kwargs,
         )
-        # No head timer per request from tornado (its gen.with_timeout cost a sixth of a
-        # stream's connect): the sweeper times heads and idle connections, in one pass.
+        # No head or body timer per request from tornado (its gen.with_timeout cost a sixth
+        # of a stream's connect, and a twentieth of a send): the sweeper below times heads,
+        # bodies and idle connections in one pass, and answers 408 with a status line.
         self.conn_params.header_timeout = None
         self.cfg = cfg
         self.state = state
