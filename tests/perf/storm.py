@@ -5,16 +5,27 @@ it (conf/cluster-node.yaml, as the container runs them) and nginx in front
 (the shipped conf/nginx.conf with only ports and paths changed), all on
 loopback. N ``rtchat bench`` clients connect through nginx (least_conn
 spreads them over both nodes) with ``--reconnect`` semantics: a stream that
-ends is reopened with its Last-Event-ID. Messages are published through
-nginx at a steady rate; KILL_AFTER seconds into sending, node A gets
-SIGKILL. Measured:
+ends is reopened with its Last-Event-ID after the last ``retry:`` it was
+given (the node's jittered sse.retry_ms, or nginx's "come back later"), as
+EventSource does. Messages are published through nginx at a steady rate;
+KILL_AFTER seconds into sending, node A gets SIGKILL. Measured:
 
 - per client of A: seconds from the kill until its stream is reopened on B,
   and until its first delivery there (the catch-up of what it missed);
 - loss and duplicates over the whole run (acknowledged messages only);
 - the delivery latency of B's own clients in the storm window (the kill
   until the last client of A reopened) against the same length of time
-  just before the kill.
+  just before the kill;
+- how often nginx took a node out of rotation, and answered "no live
+  upstreams" (its error log).
+
+``target`` holds the goal as booleans with their numbers: every client of A
+reopened on B within sse.retry_ms x 1.5 + 5 s of the kill, 0 lost, 0
+duplicated, B's own clients' p99 at most 250 ms in the storm window;
+``target.pass`` is all of them. ``capacity`` says how many clients the
+file-descriptor limits allow (one socket per client in the bench, every
+client on the survivor after the kill, two per client in an nginx worker);
+more --clients than that is refused before anything starts.
 
 Prints one JSON object. Run by hand (not collected by pytest):
 
@@ -29,7 +40,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
+import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +56,11 @@ from typing import Any
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
+from conf_templates import CONF  # noqa: E402
 from lb_processes import ClusterNode, NginxServer, RedisServer  # noqa: E402
+from probes import http_get  # noqa: E402
 
+from rtchat import config as config_mod  # noqa: E402
 from rtchat.bench.cli import raise_fd_limit  # noqa: E402
 from rtchat.bench.clients import StreamProtocol, Subscriber  # noqa: E402
 from rtchat.bench.options import parse_args  # noqa: E402
@@ -65,6 +83,10 @@ NODE_ENV = {
     "RTCHAT_LIMITS__RATE__MESSAGES_PER_SECOND": "1000000",
 }
 NODE_MARK = b": rtchat "  # the comment every rtchat stream starts with: ": rtchat <node> <time>"
+PUBLISHERS = 4
+BENCH_SPARE_FDS = 64  # as rtchat.bench.cli: the publisher pool, stdio, the loop
+NODE_SPARE_FDS = 200  # a node's own: listening sockets, Redis pool, logs, imports
+B_P99_TARGET_MS = 250.0
 
 
 class NodeSubscriber(Subscriber):
@@ -202,8 +224,94 @@ def analyse(bench: StormBench, report: dict[str, Any]) -> dict[str, Any]:
         "send_errors": report["send_errors"],
         "status_counts": report["status_counts"],
         "latency_ms_whole_run": report["latency_ms"],
+        # Whether the machine kept up: sends run late when the nodes (or the bench) are
+        # saturated, and every latency above then includes that.
+        "send_seconds": report["send_seconds"],
+        "publish_ms": report["publish_ms"],
+        "bench_send_cpu_percent": report["send_cpu_percent"],
         "duration_seconds": report["duration_seconds"],
     }
+
+
+def target_check(result: dict[str, Any], retry_ms: int) -> dict[str, Any]:
+    """The scenario's goal, each part a boolean beside the numbers it judged."""
+    bound = round(retry_ms * 1.5 / 1000 + 5, 3)
+    resumed = result["all_of_a_reopened_on_b_seconds"]
+    not_resumed = result["clients_of_a_not_resumed_on_b"]
+    during = result["b_clients_latency_ms_storm_window"]["p99"]
+    before = result["b_clients_latency_ms_before_kill"]["p99"]
+    checks = {
+        "all_of_a_resumed_in_time": {
+            "ok": result["clients_of_a"] > 0 and not_resumed == 0 and resumed <= bound,
+            "seconds": resumed, "bound_seconds": bound, "retry_ms": retry_ms,
+            "clients_of_a": result["clients_of_a"], "not_resumed": not_resumed},
+        "none_lost": {"ok": result["lost"] == 0, "lost": result["lost"]},
+        "none_duplicated": {"ok": result["duplicates"] == 0,
+                            "duplicates": result["duplicates"]},
+        "b_p99_in_storm": {"ok": during is not None and during <= B_P99_TARGET_MS,
+                           "p99_ms": during, "bound_ms": B_P99_TARGET_MS,
+                           "p99_ms_before_kill": before},
+    }
+    return {"pass": all(c["ok"] for c in checks.values()), **checks}
+
+
+def nginx_events(error_log: Path, ports: dict[int, str]) -> dict[str, Any]:
+    """How often nginx disabled each node (max_fails reached) and found no live upstream."""
+    try:
+        text = error_log.read_text(errors="replace")
+    except OSError:
+        return {}
+    disabled: dict[str, int] = {}
+    for m in re.finditer(r"upstream server temporarily disabled.*?upstream: \"http://[^:]+:(\d+)",
+                         text):
+        name = ports.get(int(m.group(1)), m.group(1))
+        disabled[name] = disabled.get(name, 0) + 1
+    return {"node_disabled": disabled, "no_live_upstreams": text.count("no live upstreams")}
+
+
+def rejected_by_reason(node: ClusterNode) -> dict[str, float]:
+    """The node's refusals so far, by reason (its /metrics, asked directly)."""
+    status, body = http_get(node.url + "/metrics", timeout=5)
+    if status != 200:
+        return {}
+    found = re.findall(r'^rtchat_requests_rejected_total\{reason="([^"]+)"\} (\S+)$',
+                       body.decode(errors="replace"), re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+def code_version() -> dict[str, Any]:
+    """The commit the nodes ran, and which of rtchat's files differed from it."""
+    root = TESTS.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.rstrip("\n")
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "rtchat").splitlines()]
+    return {"head": git("rev-parse", "--short", "HEAD"), "rtchat_changed": changed}
+
+
+def capacity(clients: int) -> dict[str, Any]:
+    """The most clients this machine's file-descriptor limits hold, and where they bind."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    nginx_text = (CONF / "nginx.conf").read_text()
+    per_worker = re.search(r"^\s*worker_connections (\d+);", nginx_text, re.M)
+    assert per_worker, "conf/nginx.conf sets worker_connections"
+    node_max = config_mod.load(CONF / "cluster-node.yaml", environ={}).limits.max_clients
+    fits = {
+        "bench": limit - PUBLISHERS - BENCH_SPARE_FDS,  # one socket per client
+        "survivor_node": min(limit - NODE_SPARE_FDS, node_max),  # every client, after the kill
+        # Two sockets per client (client side, node side); the workers share the clients but
+        # not evenly, so the worst case is one worker holding all of them. A worker's
+        # worker_rlimit_nofile may be refused (no CAP_SYS_RESOURCE): then it has our limit.
+        "nginx_one_worker": min(int(per_worker.group(1)), limit) // 2,
+    }
+    return {"fd_hard_limit": hard, "max_clients": min(fits.values()), "per_process": fits,
+            "clients": clients}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,12 +322,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="seconds into sending when node A is killed")
     p.add_argument("--send-seconds", type=float, default=15.0, help="how long messages are sent")
     p.add_argument("--reconnect-delay", type=float, default=0.1,
-                   help="a client's wait before it reopens a stream (the same for all: a storm)")
+                   help="a client's wait before it reopens a stream while it has had no "
+                        "retry: (every rtchat stream and nginx's come-back answer send one)")
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="give up on the run after this long (default 300)")
     args = p.parse_args(argv)
     if not 0 < args.kill_after < args.send_seconds:
         p.error("--kill-after must be inside the sending time")
     messages = int(args.rate * args.send_seconds)
+    fits = capacity(args.clients)
+    if args.clients > fits["max_clients"]:
+        p.error(f"--clients {args.clients} does not fit this machine's limits: {fits}")
+    # Before any process starts, so the nodes and nginx inherit the raised soft limit too.
+    raise_fd_limit(args.clients + PUBLISHERS + BENCH_SPARE_FDS)
 
+    load_before = os.getloadavg()
+    code = code_version()  # what the nodes about to start will import
     workdir = Path(tempfile.mkdtemp(prefix="rtchat-storm-"))
     started: list[Any] = []
     try:
@@ -238,18 +356,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         started.append(nginx)
         nginx.start()
         nginx.wait_ready()
+        # What the nodes run with: the shipped file, then their environment.
+        retry_ms = config_mod.load(CONF / "cluster-node.yaml", environ=nodes[0].env).sse.retry_ms
 
         opts = parse_args(["--url", nginx.url, "--clients", str(args.clients),
                            "--messages", str(messages), "--rate", str(args.rate),
                            "--reconnect", "--reconnect-delay", str(args.reconnect_delay),
                            "--settle-seconds", "30", "--connect-timeout", "30",
-                           "--publishers", "4", "--room-prefix", "storm-"])
-        raise_fd_limit(opts.clients + opts.publishers + 64)
+                           "--publishers", str(PUBLISHERS), "--room-prefix", "storm-"])
 
         async def go() -> dict[str, Any]:
             bench = StormBench(opts, nodes[0], args.kill_after)
-            report = await bench.run()
-            return analyse(bench, report)
+            report = await asyncio.wait_for(bench.run(), args.max_seconds)
+            result = analyse(bench, report)
+            result["nginx"] = nginx_events(nginx.log_path,
+                                           {node.port: node.node_id for node in nodes})
+            # Why the survivor refused streams during the storm (a 503 sends nginx on).
+            result["b_rejected_by_reason"] = rejected_by_reason(nodes[1])
+            result["capacity"] = fits
+            return {"target": target_check(result, retry_ms), **result}
 
         try:
             import uvloop
@@ -257,6 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(go())
         else:
             result = uvloop.run(go())
+        # The machine is shared: its load says how much else ran beside the storm.
+        result["loadavg_1min_before_after"] = [round(load_before[0], 2),
+                                               round(os.getloadavg()[0], 2)]
+        result["code"] = code
         result["workdir"] = str(workdir)
         print(json.dumps(result))
         return 0
