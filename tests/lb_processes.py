@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 from conf_templates import CONF, ROOT, nginx_conf, redis_args
 from probes import free_port, http_get, port_open, require_tool, wait_for
@@ -200,3 +201,29 @@ class NginxServer(ManagedProcess):
             return port_open(self.port)
 
         wait_for(ready, timeout, f"{self.name} to listen")
+
+
+P = TypeVar("P", bound=ManagedProcess)
+
+
+def start_ready(started: list[ManagedProcess], proc: P) -> P:
+    """Start ``proc`` and wait until it serves; it goes into ``started`` first, so the
+    caller stops it even when starting fails."""
+    started.append(proc)
+    proc.start()
+    proc.wait_ready()  # type: ignore[attr-defined]
+    return proc
+
+
+def two_nodes_behind_nginx(workdir: Path, env: dict[str, str], started: list[ManagedProcess]
+                           ) -> tuple[tuple[ClusterNode, ClusterNode], NginxServer]:
+    """Nodes ``node-a`` and ``node-b`` on ``env`` (started together, then waited for) and
+    nginx on the shipped conf in front; each goes into ``started`` for the caller to stop."""
+    nodes = (ClusterNode(workdir, "node-a", env), ClusterNode(workdir, "node-b", env))
+    for node in nodes:
+        started.append(node)
+        node.start()
+    for node in nodes:
+        node.wait_ready()
+    nginx = start_ready(started, NginxServer(workdir, (nodes[0].port, nodes[1].port)))
+    return nodes, nginx

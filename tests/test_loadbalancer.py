@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lb_processes import ClusterNode, NginxServer, RedisServer, log_tail
+from lb_processes import (
+    ClusterNode,
+    NginxServer,
+    RedisServer,
+    log_tail,
+    start_ready,
+    two_nodes_behind_nginx,
+)
 from probes import async_wait_for, require_tool, wait_for
 
 CLIENTS = 200
@@ -312,27 +319,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("lb")
     started: list[Any] = []
     try:
-        master = RedisServer(workdir, "master")
-        started.append(master)
-        master.start()
-        master.wait_ready()
-        replica = RedisServer(workdir, "replica", master_port=master.port)
-        started.append(replica)
-        replica.start()
-        replica.wait_ready()
+        master = start_ready(started, RedisServer(workdir, "master"))
+        replica = start_ready(started, RedisServer(workdir, "replica", master_port=master.port))
         assert master.info("persistence")["aof_enabled"] == "1"
         env = {**NODE_ENV, "RTCHAT_BROKER__REDIS__MASTER": master.url,
                "RTCHAT_BROKER__REDIS__REPLICAS": f"[{replica.url}]"}
-        nodes = (ClusterNode(workdir, "node-a", env), ClusterNode(workdir, "node-b", env))
-        for node in nodes:
-            started.append(node)
-            node.start()
-        for node in nodes:
-            node.wait_ready()
-        nginx = NginxServer(workdir, (nodes[0].port, nodes[1].port))
-        started.append(nginx)
-        nginx.start()
-        nginx.wait_ready()
+        nodes, nginx = two_nodes_behind_nginx(workdir, env, started)
         yield Cluster(master, replica, nodes, nginx)
     finally:
         for proc in reversed(started):

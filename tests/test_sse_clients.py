@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from browser import chromium
-from lb_processes import ClusterNode, NginxServer, RedisServer, log_tail
+from lb_processes import RedisServer, log_tail, start_ready, two_nodes_behind_nginx
 from playwright.async_api import Page
 from probes import async_poll, http_get, require_tool, wait_for
 from sse_clients import (
@@ -325,23 +325,11 @@ def test_behind_nginx_a_draining_node_sends_new_streams_to_the_other_at_once(tmp
     started: list[Any] = []
     streams: list[RawStream] = []
     try:
-        master = RedisServer(tmp_path, "master")
-        started.append(master)
-        master.start()
-        master.wait_ready()
+        master = start_ready(started, RedisServer(tmp_path, "master"))
         env = env_for_tests(RTCHAT_BROKER__REDIS__MASTER=master.url, RTCHAT_BROKER__REDIS__REPLICAS="[]",
                             RTCHAT_BROKER__REDIS__SUBSCRIBE_FROM="master",
                             RTCHAT_SHUTDOWN__DRAIN_SECONDS="60")
-        a, b = ClusterNode(tmp_path, "node-a", env), ClusterNode(tmp_path, "node-b", env)
-        for node in (a, b):
-            started.append(node)
-            node.start()
-        for node in (a, b):
-            node.wait_ready()
-        nginx = NginxServer(tmp_path, (a.port, b.port))
-        started.append(nginx)
-        nginx.start()
-        nginx.wait_ready()
+        (a, _b), nginx = two_nodes_behind_nginx(tmp_path, env, started)
 
         streams.extend(hold_streams(a.url))  # A drains for most of the minute
         a.send_signal(signal.SIGTERM)  # drains: still up, taking no new streams

@@ -57,7 +57,12 @@ TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 from conf_templates import CONF  # noqa: E402
-from lb_processes import ClusterNode, NginxServer, RedisServer  # noqa: E402
+from lb_processes import (  # noqa: E402
+    ClusterNode,
+    RedisServer,
+    start_ready,
+    two_nodes_behind_nginx,
+)
 from probes import http_get  # noqa: E402
 
 from rtchat import config as config_mod  # noqa: E402
@@ -341,21 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rtchat-storm-"))
     started: list[Any] = []
     try:
-        redis = RedisServer(workdir, "master")
-        started.append(redis)
-        redis.start()
-        redis.wait_ready()
+        redis = start_ready(started, RedisServer(workdir, "master"))
         env = {**NODE_ENV, "RTCHAT_BROKER__REDIS__MASTER": redis.url}
-        nodes = (ClusterNode(workdir, "node-a", env), ClusterNode(workdir, "node-b", env))
-        for node in nodes:
-            started.append(node)
-            node.start()
-        for node in nodes:
-            node.wait_ready()
-        nginx = NginxServer(workdir, (nodes[0].port, nodes[1].port))
-        started.append(nginx)
-        nginx.start()
-        nginx.wait_ready()
+        nodes, nginx = two_nodes_behind_nginx(workdir, env, started)
         # What the nodes run with: the shipped file, then their environment.
         retry_ms = config_mod.load(CONF / "cluster-node.yaml", environ=nodes[0].env).sse.retry_ms
 
