@@ -220,14 +220,8 @@ class RedisBroker:
                     raise BrokerUnavailable("no healthy Redis endpoint to subscribe on")
                 else:
                     self.wake_monitor()
-        await wait_confirmed(state, self._subscribe_timeout, self._forget)
-
-    def _forget(self, state: RoomState) -> None:
-        """Roll back a subscribe that did not complete."""
-        if self._rooms.get(state.room) is state and not state.ready.done():
-            task = asyncio.ensure_future(self.unsubscribe(state.room))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        await wait_confirmed(state, self._subscribe_timeout, self._rooms, self.unsubscribe,
+                             self._background)
 
     async def unsubscribe(self, room: str) -> None:
         """Stop delivery for ``room`` (its messages still in flight are dropped)."""

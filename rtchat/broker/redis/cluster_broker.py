@@ -230,13 +230,8 @@ class ClusterBroker:
                 raise BrokerUnavailable("no healthy Redis endpoint to subscribe on")
             self._homes[room] = shard
             await shard.attach(state)
-        await wait_confirmed(state, self._subscribe_timeout, self._forget)
-
-    def _forget(self, state: RoomState) -> None:
-        if self._rooms.get(state.room) is state and not state.ready.done():
-            task = asyncio.ensure_future(self.unsubscribe(state.room))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        await wait_confirmed(state, self._subscribe_timeout, self._rooms, self.unsubscribe,
+                             self._background)
 
     async def unsubscribe(self, room: str) -> None:
         state = self._rooms.pop(room, None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from rtchat.broker.base import BrokerUnavailable, Deliver
@@ -45,19 +45,28 @@ class RoomState:
     sent_on: object | None = None  # the subscription its SUBSCRIBE went out on
 
 
-async def wait_confirmed(state: RoomState, timeout: float,
-                         rollback: Callable[[RoomState], None]) -> None:
+async def wait_confirmed(state: RoomState, timeout: float, rooms: Mapping[str, RoomState],
+                         unsubscribe: Callable[[str], Awaitable[None]],
+                         background: set[asyncio.Future[None]]) -> None:
     """Wait until the room's subscription is confirmed. On a timeout, or a caller that
-    gives up, ``rollback(state)``; BrokerUnavailable unless the caller was cancelled."""
+    gives up, the subscribe is rolled back: ``unsubscribe(room)`` runs in the background
+    (kept in ``background``) unless another subscribe has replaced ``state`` in ``rooms``.
+    BrokerUnavailable unless the caller was cancelled."""
+    def roll_back() -> None:
+        if rooms.get(state.room) is state and not state.ready.done():
+            task = asyncio.ensure_future(unsubscribe(state.room))
+            background.add(task)
+            task.add_done_callback(background.discard)
+
     try:
         await asyncio.wait_for(asyncio.shield(state.ready), timeout)
     except asyncio.CancelledError:
         if not state.ready.cancelled():
-            rollback(state)  # our caller gave up
+            roll_back()  # our caller gave up
             raise
         raise BrokerUnavailable("unsubscribed while subscribing") from None
     except asyncio.TimeoutError:
-        rollback(state)
+        roll_back()
         raise BrokerUnavailable("no Redis endpoint confirmed the subscription") from None
 
 
