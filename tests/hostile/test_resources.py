@@ -380,6 +380,23 @@ def test_idle_keep_alive_connections_are_closed_after_the_idle_timeout(spawn_nod
 
 # -- 4: bodies: declared too large, or never finished ----------------------------------------------
 
+def answer_to(port: int, i: int, request: bytes) -> tuple[int | None, float, bytes]:
+    """Send ``request`` whole from attacker address ``i``; the status, the seconds it took to
+    come (at most 3 s of waiting), and the answer's head."""
+    conn = RawConn(connect(port, attacker_address(i)))
+    try:
+        conn.sock.setblocking(True)
+        conn.sock.sendall(request)
+        conn.sock.setblocking(False)
+        start = time.monotonic()
+        while time.monotonic() - start < 3 and b"\r\n\r\n" not in conn.received \
+                and not conn.poll():
+            time.sleep(0.01)
+        return conn.status, time.monotonic() - start, conn.head()
+    finally:
+        conn.close()
+
+
 def test_a_body_over_the_limit_is_413_at_once(spawn_node) -> None:
     node = spawn_node()  # limits.max_body_bytes 16384, http.body_timeout_seconds 30
     head = b"POST /rooms/r/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -393,18 +410,8 @@ def test_a_body_over_the_limit_is_413_at_once(spawn_node) -> None:
     got: dict[str, tuple[int | None, float, bytes]] = {}
     with Bystander(node.port) as bystander:
         for i, (name, request) in enumerate(cases.items()):
-            conn = RawConn(connect(node.port, attacker_address(i)))
-            try:
-                conn.sock.setblocking(True)
-                conn.sock.sendall(request)
-                conn.sock.setblocking(False)
-                start = time.monotonic()
-                while time.monotonic() - start < 3 and b"\r\n\r\n" not in conn.received \
-                        and not conn.poll():
-                    time.sleep(0.01)
-                got[name] = (conn.status, time.monotonic() - start, conn.head()[:80])
-            finally:
-                conn.close()
+            status, took, answer = answer_to(node.port, i, request)
+            got[name] = (status, took, answer[:80])
     for name, (status, took, _) in got.items():
         print(f"{name}: {status or 'no answer'} after {took:.2f} s")
     for name, (status, took, head_seen) in got.items():
@@ -497,18 +504,7 @@ def test_a_request_head_over_the_limit_gets_a_431_status_line(spawn_node) -> Non
     got: dict[str, tuple[int | None, float]] = {}
     with Bystander(node.port) as bystander:
         for i, (name, request) in enumerate(cases.items()):
-            conn = RawConn(connect(node.port, attacker_address(i)))
-            try:
-                conn.sock.setblocking(True)
-                conn.sock.sendall(request)
-                conn.sock.setblocking(False)
-                start = time.monotonic()
-                while time.monotonic() - start < 3 and b"\r\n\r\n" not in conn.received \
-                        and not conn.poll():
-                    time.sleep(0.01)
-                got[name] = (conn.status, time.monotonic() - start)
-            finally:
-                conn.close()
+            got[name] = answer_to(node.port, i, request)[:2]
     for name, (status, took) in got.items():
         print(f"{name}: {status or 'no status line'} after {took:.2f} s")
     for name, (status, took) in got.items():
