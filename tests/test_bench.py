@@ -616,21 +616,22 @@ def read_stderr_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: flo
     return seen
 
 
-def test_reconnect_resumes_kicked_streams_without_loss(node: str) -> None:
-    # 3 streams; while messages are being sent, the admin API kicks every one of
-    # them; with --reconnect they come back with Last-Event-ID and miss nothing.
+def kick_while_sending(node: str, args: list[str], pick: Callable[[list[dict]], list[str]],
+                       wait_for_sent: bool = False) -> dict:
+    """Run the bench (``--reconnect``) on ``node``; once it sends (and, with
+    ``wait_for_sent``, once some messages went through), the admin API disconnects the
+    streams ``pick`` chooses from the listed clients. The bench's report."""
     proc = subprocess.Popen(
-        [sys.executable, "-W", "error", "-m", "rtchat.bench", "--url", node, "--clients", "3",
-         "--messages", "150", "--rate", "50", "--reconnect", "--reconnect-delay", "0.05",
-         "--room-prefix", "kick-"],
+        [sys.executable, "-W", "error", "-m", "rtchat.bench", "--url", node, *args,
+         "--reconnect", "--reconnect-delay", "0.05"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
         head = read_stderr_until(proc, b"bench: sending", BENCH_TIMEOUT)
-        listed = admin_json(node, "/admin/api/status")["clients"]["listed"]
-        kicked = [c["id"] for c in listed if c["room"] == "kick-0"]
-        assert len(kicked) == 3
+        kicked = pick(admin_json(node, "/admin/api/status")["clients"]["listed"])
+        if wait_for_sent:
+            head += read_stderr_until(proc, b"bench: sent ", BENCH_TIMEOUT)
         for client_id in kicked:
             assert admin_json(node, f"/admin/api/clients/{client_id}/disconnect",
                               method="POST") == {"disconnected": client_id}
@@ -639,8 +640,20 @@ def test_reconnect_resumes_kicked_streams_without_loss(node: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    report = report_of(subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
-                                                   (head + err).decode()))
+    return report_of(subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
+                                                 (head + err).decode()))
+
+
+def test_reconnect_resumes_kicked_streams_without_loss(node: str) -> None:
+    # 3 streams; while messages are being sent, the admin API kicks every one of
+    # them; with --reconnect they come back with Last-Event-ID and miss nothing.
+    def pick(listed: list[dict]) -> list[str]:
+        kicked = [c["id"] for c in listed if c["room"] == "kick-0"]
+        assert len(kicked) == 3
+        return kicked
+
+    report = kick_while_sending(node, ["--clients", "3", "--messages", "150", "--rate", "50",
+                                       "--room-prefix", "kick-"], pick)
     assert report["disconnects"] == 3
     assert report["reconnects"] == 3
     assert report["acked"] == 150
@@ -737,31 +750,16 @@ def test_one_room_per_stream_keeps_the_report_shape(node: str) -> None:
 def test_many_room_streams_resume_with_their_cursor_without_loss(node: str) -> None:
     # 4 streams of 2 rooms (of 3) are kicked while messages flow; each comes back with the
     # last cursor it saw as Last-Event-ID and misses nothing in either room.
-    proc = subprocess.Popen(
-        [sys.executable, "-W", "error", "-m", "rtchat.bench", "--url", node, "--clients", "4",
-         "--rooms", "3", "--rooms-per-stream", "2", "--messages", "300", "--rate", "75",
-         "--reconnect", "--reconnect-delay", "0.05", "--room-prefix", "mkick-"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        head = read_stderr_until(proc, b"bench: sending", BENCH_TIMEOUT)
-        listed = admin_json(node, "/admin/api/status")["clients"]["listed"]
+    def pick(listed: list[dict]) -> list[str]:
         kicked = [c["id"] for c in listed if c["rooms"][0].startswith("mkick-")]
         assert len(kicked) == 4 and all(len(c["rooms"]) == 2 for c in listed
                                         if c["id"] in kicked)
-        # Let some messages through first, so each stream resumes from a real cursor.
-        head += read_stderr_until(proc, b"bench: sent ", BENCH_TIMEOUT)
-        for client_id in kicked:
-            assert admin_json(node, f"/admin/api/clients/{client_id}/disconnect",
-                              method="POST") == {"disconnected": client_id}
-        out, err = proc.communicate(timeout=BENCH_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    report = report_of(subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
-                                                   (head + err).decode()))
+        return kicked
+
+    # Some messages go through first, so each stream resumes from a real cursor.
+    report = kick_while_sending(node, ["--clients", "4", "--rooms", "3", "--rooms-per-stream",
+                                       "2", "--messages", "300", "--rate", "75",
+                                       "--room-prefix", "mkick-"], pick, wait_for_sent=True)
     assert report["disconnects"] == 4
     assert report["reconnects"] == 4
     assert report["acked"] == 300
