@@ -127,6 +127,25 @@ def assert_exact(inbox: Inbox, room: str, acked: list[Published]) -> None:
     assert got == [p.message.id for p in acked], f"{room}: delivered != acknowledged"
 
 
+async def until_exact(inbox: Inbox, room: str, acked: list[Published]) -> None:
+    """Wait until ``inbox`` holds as many of ``room``'s messages as were acknowledged; then
+    they must be exactly those."""
+    await until(lambda: len(inbox.ids(room)) >= len(acked), f"every message of {room}")
+    assert_exact(inbox, room, acked)
+
+
+async def loads_on(started: list[tuple[ClusterBroker, Inbox]], rooms: list[str]) -> list[Load]:
+    """Every broker subscribed to every room, and a Load (over the first two) sending to
+    each room that has had 10 sends acknowledged."""
+    for broker, _ in started:
+        for room in rooms:
+            await broker.subscribe(room)
+    loads = [Load([started[0][0], started[1][0]], room) for room in rooms]  # 10 msg/s each
+    for load in loads:
+        await load.wait_acked(10)
+    return loads
+
+
 def assert_in_order(inbox: Inbox, room: str) -> list[str]:
     got = inbox.ids(room)
     keys = [tuple(map(int, i.split("-"))) for i in got]
@@ -223,12 +242,7 @@ async def test_killing_the_replica_a_node_reads_from_loses_nothing(redis_cluster
     rooms = rooms_on_every_shard(cluster)
     async with brokers(cluster) as started:
         (a, _), (b, _) = started
-        for broker, _ in started:
-            for room in rooms:
-                await broker.subscribe(room)
-        loads = [Load([a, b], room) for room in rooms]  # 3 x 10 msg/s
-        for load in loads:
-            await load.wait_acked(10)
+        loads = await loads_on(started, rooms)  # 3 x 10 msg/s
         victim_url = reading(a, rooms[0])
         assert victim_url is not None
         (victim,) = [s for s in cluster.servers if s.url == victim_url]
@@ -242,9 +256,7 @@ async def test_killing_the_replica_a_node_reads_from_loses_nothing(redis_cluster
         assert all(load.failed == 0 for load in loads)
         for _, inbox in started:
             for room, sent in zip(rooms, acked, strict=True):
-                await until(lambda i=inbox, r=room, s=sent: len(i.ids(r)) >= len(s),
-                            f"every message of {room}")
-                assert_exact(inbox, room, sent)
+                await until_exact(inbox, room, sent)
         assert a.status().failover_count >= 1
 
 
@@ -253,13 +265,7 @@ async def test_killing_a_shard_master_stops_only_that_shard_until_promotion(redi
     cluster = redis_cluster
     rooms = rooms_on_every_shard(cluster)
     async with brokers(cluster) as started:
-        (a, _), (b, _) = started
-        for broker, _ in started:
-            for room in rooms:
-                await broker.subscribe(room)
-        loads = [Load([a, b], room) for room in rooms]
-        for load in loads:
-            await load.wait_acked(10)
+        loads = await loads_on(started, rooms)
         view = cluster.shard_of(rooms[0])
         assert view.master is not None
         view.master.kill()
@@ -272,9 +278,7 @@ async def test_killing_a_shard_master_stops_only_that_shard_until_promotion(redi
         assert [load.failed for load in loads[1:]] == [0, 0], "other shards were affected"
         for _, inbox in started:
             for room, sent in zip(rooms[1:], acked[1:], strict=True):
-                await until(lambda i=inbox, r=room, s=sent: len(i.ids(r)) >= len(s),
-                            f"every message of {room}")
-                assert_exact(inbox, room, sent)
+                await until_exact(inbox, room, sent)
             got = assert_in_order(inbox, rooms[0])
             replicated = [p.message.id for p in acked[0] if p.replicated]
             # Sent after the promotion: delivered; replicated before it: never lost.
@@ -317,12 +321,7 @@ async def test_a_slot_moved_under_load_loses_nothing(redis_cluster) -> None:
     slot = key_slot(room.encode())
     async with brokers(cluster) as started:
         (a, _), (b, _) = started
-        for broker, _ in started:
-            for r in rooms:
-                await broker.subscribe(r)
-        loads = [Load([a, b], r) for r in rooms]
-        for load in loads:
-            await load.wait_acked(10)
+        loads = await loads_on(started, rooms)
         src = cluster.shard_of(room)
         dst = cluster.shard_of(rooms[1])
         assert src.master is not None and dst.master is not None
@@ -338,6 +337,4 @@ async def test_a_slot_moved_under_load_loses_nothing(redis_cluster) -> None:
         assert a.redirects["ask"] + b.redirects["ask"] >= 1, (a.redirects, b.redirects)
         for _, inbox in started:
             for r, sent in zip(rooms, acked, strict=True):
-                await until(lambda i=inbox, r=r, s=sent: len(i.ids(r)) >= len(s),
-                            f"every message of {r}")
-                assert_exact(inbox, r, sent)
+                await until_exact(inbox, r, sent)
