@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,15 +231,6 @@ class Hub:
             stream.close(stream.close_reason or "client_gone")
             raise
         return stream
-
-    @contextlib.asynccontextmanager
-    async def connect(self, room: str, *args: Any, **kwargs: Any) -> AsyncIterator[Stream]:
-        """``open``, closed on leaving the block."""
-        stream = await self.open(room, *args, **kwargs)
-        try:
-            yield stream
-        finally:
-            stream.close(stream.close_reason or "client_gone")
 
     # -- what handlers may ask ----------------------------------------------------
 

@@ -27,6 +27,16 @@ async def running_hub(broker_class: type[MemoryBroker] = MemoryBroker) -> AsyncI
         await hub.close()
 
 
+@contextlib.asynccontextmanager
+async def connected(hub: Hub, room: str, nick: str) -> AsyncIterator[Stream]:
+    """A stream opened in ``room`` (``Hub.open``), closed on leaving the block."""
+    stream = await hub.open(room, nick, "ip", "ua")
+    try:
+        yield stream
+    finally:
+        stream.close("client_gone")
+
+
 def make_stream(max_queue: int = 3) -> Stream:
     return Stream("r", "n", "127.0.0.1", "ua", max_queue)
 
@@ -133,9 +143,9 @@ def test_rooms_subscribe_on_first_and_unsubscribe_on_last_after_a_delay(monkeypa
     async def go() -> None:
         async with running_hub() as hub:
             broker = hub.broker
-            async with hub.connect("room", "a", "ip", "ua") as s1:
+            async with connected(hub, "room", "a") as s1:
                 assert broker._subscribed == {"room"}
-                async with hub.connect("room", "b", "ip", "ua"):
+                async with connected(hub, "room", "b"):
                     assert hub.client_count == 2
                 sink = RecordingSink()
                 s1.attach(sink)
@@ -166,10 +176,10 @@ def test_a_failed_subscribe_rolls_back_so_the_next_client_retries() -> None:
         async with running_hub(FlakyBroker) as hub:
             broker = hub.broker
             with pytest.raises(ConnectionError):
-                async with hub.connect("room", "a", "ip", "ua"):
+                async with connected(hub, "room", "a"):
                     pass
             assert hub.client_count == 0
-            async with hub.connect("room", "a", "ip", "ua"):
+            async with connected(hub, "room", "a"):
                 assert broker._subscribed == {"room"}
     asyncio.run(go())
 
@@ -178,10 +188,10 @@ def test_a_join_while_the_rooms_unsubscribe_is_in_flight_ends_subscribed() -> No
     async def go() -> None:
         async with running_hub() as hub:
             broker = hub.broker
-            async with hub.connect("room", "a", "ip", "ua"):
+            async with connected(hub, "room", "a"):
                 pass
             hub._unsubscribe_if_empty("room")  # the delayed unsubscribe fires...
-            async with hub.connect("room", "b", "ip", "ua") as s:  # ...as a client arrives
+            async with connected(hub, "room", "b") as s:  # ...as a client arrives
                 await asyncio.sleep(0.01)
                 assert broker._subscribed == {"room"}
                 sink = RecordingSink()
@@ -228,12 +238,12 @@ def test_a_big_rooms_presence_is_told_at_a_paced_rate(monkeypatch) -> None:
 
     async def go() -> None:
         async with running_hub() as hub, contextlib.AsyncExitStack() as stack:
-            first = await stack.enter_async_context(hub.connect("room", "a", "ip", "ua"))
+            first = await stack.enter_async_context(connected(hub, "room", "a"))
             assert first.head and b'"count":1' in first.head[-1]  # told on join
             sink = RecordingSink()
             first.attach(sink)
             for i in range(4):  # a crowd: 5 streams
-                joined = await stack.enter_async_context(hub.connect("room", f"n{i}", "ip", "ua"))
+                joined = await stack.enter_async_context(connected(hub, "room", f"n{i}"))
                 assert f'"count":{i + 2}'.encode() in joined.head[-1]
             await until(lambda: counts(sink)[-1:] == [5])
             told = len(counts(sink))
@@ -241,7 +251,7 @@ def test_a_big_rooms_presence_is_told_at_a_paced_rate(monkeypatch) -> None:
             # paced (a 0.6-1 s pause at 6-10 streams), at most two. The last count told
             # is the room's.
             for i in range(5):
-                await stack.enter_async_context(hub.connect("room", f"m{i}", "ip", "ua"))
+                await stack.enter_async_context(connected(hub, "room", f"m{i}"))
                 await asyncio.sleep(0.2)
             await until(lambda: counts(sink)[-1:] == [10])
             assert len(counts(sink)) - told <= 2, counts(sink)
