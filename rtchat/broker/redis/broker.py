@@ -42,7 +42,7 @@ from rtchat.broker.base import (
 from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.clusterview import ClusterView
 from rtchat.broker.redis.delivery import Delivery, RoomState, wait_confirmed
-from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text, stop_tasks
 from rtchat.broker.redis.history import History, read_order
 from rtchat.broker.redis.keys import Keys
 from rtchat.broker.redis.publish import MasterReadOnly, Publisher
@@ -122,13 +122,8 @@ class RedisBroker:
         if self._closed:
             return
         self._closed = True
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._monitor
-            self._monitor = None
-        for task in list(self._background):
-            task.cancel()
+        await stop_tasks(self._monitor, self._background)
+        self._monitor = None
         endpoints = self._endpoints()
         sub, self._sub = self._sub, None
         if sub is not None:

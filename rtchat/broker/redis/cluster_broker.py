@@ -45,7 +45,7 @@ from rtchat.broker.base import (
 from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.cluster import ClusterState
 from rtchat.broker.redis.delivery import Delivery, RoomState, wait_confirmed
-from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, stop_tasks
 from rtchat.broker.redis.history import History
 from rtchat.broker.redis.keys import ClusterKeys
 from rtchat.broker.redis.publish import Publisher, Redirected
@@ -127,13 +127,8 @@ class ClusterBroker:
         if self._closed:
             return
         self._closed = True
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._monitor
-            self._monitor = None
-        for task in list(self._background):
-            task.cancel()
+        await stop_tasks(self._monitor, self._background)
+        self._monitor = None
         for state in self._rooms.values():
             if not state.ready.done():
                 state.ready.cancel()

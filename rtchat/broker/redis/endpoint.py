@@ -246,6 +246,18 @@ class EndpointHealth:
                     await client.aclose()
 
 
+async def stop_tasks(monitor: asyncio.Task[None] | None,
+                     background: set[asyncio.Future[None]]) -> None:
+    """A closing broker's tasks: its monitor cancelled and waited for, its background
+    tasks (unsubscribes, rollbacks) cancelled."""
+    if monitor is not None:
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await monitor
+    for task in list(background):
+        task.cancel()
+
+
 async def shared(inflight: dict[str, asyncio.Future[T]], key: str,
                  read: Callable[[], Awaitable[T]]) -> T:
     """``read()``, or the answer of the same read already in flight for ``key``: a crowd
