@@ -388,8 +388,12 @@ async def test_admin_page_healthy_and_degraded_at_desktop_and_phone_width(
                     "document.querySelectorAll('#failover-rows tr').length >= 1 && "
                     "[...document.querySelectorAll('#endpoint-rows td[data-label=\"last error\"]')]"
                     ".some(td => td.textContent !== '\u2014')", timeout=15000)
-                reasons = await page.locator("#verdict-reasons li").all_text_contents()
-                assert f"replica {host_port(victim.url)} unhealthy: unreachable" in reasons
+                # Each node finds the dead replica on its own health round; the
+                # reason drops its "(seen by ...)" once both have.
+                reason = f"replica {host_port(victim.url)} unhealthy: unreachable"
+                await page.wait_for_function(
+                    "r => [...document.querySelectorAll('#verdict-reasons li')]"
+                    ".some(li => li.textContent === r)", arg=reason, timeout=15000)
                 when = await page.locator("#failover-rows td[data-label=when]").first.text_content()
                 assert when is not None and len(when) == 19 and when[4] == "-" and when[13] == ":"
                 row = page.locator("#endpoint-rows tr", has_text=host_port(victim.url))
