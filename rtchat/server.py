@@ -130,6 +130,7 @@ class _GuardedStream(IOStream):
             _send(self.socket, raw_response(431, "Request Header Fields Too Large",
                                             "headers_too_large", "the request head is too large"))
         super().close(exc_info)
+        self.conn = None  # no cycle with its _Conn: a closed connection is freed at once
 
 
 class _Guard(httputil.HTTPMessageDelegate):

@@ -73,6 +73,8 @@ class Stream:
         self.abort: Callable[[], None] | None = None
         # Called (once) when the stream closes, whoever closes it: the connection ends its
         # response. No task waits for the end of a live stream; this is how it hears of it.
+        # Both are dropped at close: the handler holds the stream, and a kept callback would
+        # be a cycle that only a full garbage collection frees.
         self.end: Callable[[], None] | None = None
         self._on_closed = on_closed  # the hub's: the stream leaves its rooms
         # A list, not a deque: it is emptied whole, never popped from the left, and an
@@ -260,9 +262,10 @@ class Stream:
                 self._on_closed(self)
             except Exception:
                 log.exception("stream %s: leaving its rooms failed", self.id)
-        if self.end is not None:
+        end, self.end, self.abort = self.end, None, None
+        if end is not None:
             try:
-                self.end()
+                end()
             except Exception:
                 log.exception("stream %s: ending its response failed", self.id)
 

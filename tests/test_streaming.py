@@ -1,11 +1,16 @@
 """SSE streams through a real node: headers, fan-out, order, resume, reset, slow clients."""
 
 import asyncio
+import gc
 import time
 
 import pytest
 from probes import async_wait_for
 from sse_client import SSEClient
+
+from rtchat.handlers.events import EventStreamHandler
+from rtchat.server import _GuardedStream
+from rtchat.stream import Stream
 
 FAST = {"limits.rate.burst": 100000, "limits.rate.messages_per_second": 100000}
 
@@ -311,3 +316,35 @@ async def test_a_live_stream_keeps_no_task_and_still_ends_cleanly(start_node) ->
             assert [m["text"] for m in await c.messages(1, timeout=5)] == ["still here"]
         await c.aclose()
     await async_wait_for(lambda: node.hub.client_count == 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_closed_stream_and_its_connection_are_freed_without_the_collector(start_node) -> None:
+    """Neither a stream nor its connection is held in a reference cycle, so both are freed
+    the moment they close, by either side: thousands of open streams make each full pass
+    of the garbage collector long, and the node runs it rarely (``rtchat.__main__``)."""
+    node = await start_node()
+
+    def alive() -> int:
+        return sum(isinstance(o, (Stream, EventStreamHandler, _GuardedStream))
+                   for o in gc.get_objects())
+
+    gc.collect()
+    assert alive() == 0
+    gc.disable()
+    try:
+        clients = [await SSEClient.open(node.url, "gc", nick=f"c{i}") for i in range(4)]
+        for c in clients:
+            assert (await c.next_event(timeout=5)).event == "presence"
+        assert alive() == 3 * 4
+        assert (await node.post("gc", "one")).code == 201
+        for c in clients:
+            assert [m["text"] for m in await c.messages(1, timeout=5)] == ["one"]
+        assert node.hub.disconnect(next(s for s in node.hub.streams() if s.nick == "c0").id)
+        assert await clients[0].until_closed(timeout=5) == []
+        for c in clients:
+            await c.aclose()
+        await async_wait_for(lambda: node.hub.client_count == 0)
+        await async_wait_for(lambda: alive() == 0, timeout=5)
+    finally:
+        gc.enable()
