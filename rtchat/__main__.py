@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -23,6 +24,13 @@ from rtchat import config as config_mod
 log = logging.getLogger("rtchat")
 
 EXIT_USAGE = 2
+
+# The collector's full pass walks every live object: about 80 ms per 5,000 open streams
+# on a 2-core machine, and by default it runs each time the heap has grown by a quarter,
+# several times while a crowd of clients connects. Streams and connections hold no
+# reference cycles (they are freed the moment they close), so full passes can be ten
+# times rarer than the default (700, 10, 10); young objects are collected as before.
+GC_THRESHOLDS = (700, 10, 100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,6 +179,14 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _tune_gc() -> None:
+    """What start-up built lives as long as the process: the collector need never walk it
+    again (``gc.freeze``). Full passes become rarer (``GC_THRESHOLDS``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(cfg: config_mod.Config, path: str | None) -> int:
     from rtchat.node import build_node
 
@@ -189,6 +205,7 @@ async def serve(cfg: config_mod.Config, path: str | None) -> int:
             sock.close()
         raise
     log.info("listening on http://%s:%s", cfg.http.host, ",".join(map(str, ports)))
+    _tune_gc()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
