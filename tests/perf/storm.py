@@ -15,13 +15,18 @@ KILL_AFTER seconds into sending, node A gets SIGKILL. Measured:
 - loss and duplicates over the whole run (acknowledged messages only);
 - the delivery latency of B's own clients in the storm window (the kill
   until the last client of A reopened) against the same length of time
-  just before the kill;
+  just before the kill, twice: for the bench's clients of B (timed by the
+  bench, one Python process holding every stream, whose own loop lag is in
+  each figure), and for a probe: PROBE_CLIENTS streams opened straight on B
+  by a separate light process that sends PROBE_RATE messages a second to
+  its own room, from the start of sending to its end;
 - how often nginx took a node out of rotation, and answered "no live
   upstreams" (its error log).
 
 ``target`` holds the goal as booleans with their numbers: every client of A
 reopened on B within sse.retry_ms x 1.5 + 5 s of the kill, 0 lost, 0
-duplicated, B's own clients' p99 at most 250 ms in the storm window;
+duplicated (the probe's included), B's own clients' p99 at most 250 ms in
+the storm window, judged on the probe (the bench's figure is beside it);
 ``target.pass`` is all of them. ``capacity`` says how many clients the
 file-descriptor limits allow (one socket per client in the bench, every
 client on the survivor after the kill, two per client in an nginx worker);
@@ -92,6 +97,8 @@ PUBLISHERS = 4
 BENCH_SPARE_FDS = 64  # as rtchat.bench.cli: the publisher pool, stdio, the loop
 NODE_SPARE_FDS = 200  # a node's own: listening sockets, Redis pool, logs, imports
 B_P99_TARGET_MS = 250.0
+PROBE_CLIENTS = 20
+PROBE_RATE = 20.0
 
 
 class NodeSubscriber(Subscriber):
@@ -143,15 +150,21 @@ class StormBench(Bench):
     subscriber_class = NodeSubscriber
     stream_protocol = NodeStreamProtocol
 
-    def __init__(self, opts: Any, victim: ClusterNode, kill_after: float) -> None:
+    def __init__(self, opts: Any, victim: ClusterNode, kill_after: float,
+                 probe_argv: list[str] | None = None) -> None:
         super().__init__(opts, lambda line: print(f"storm: {line}", file=sys.stderr, flush=True))
         self.victim = victim
         self.kill_after = kill_after
         self.killed_at = 0.0
         self.before_kill: dict[str, int] = {}
+        self.probe_argv = probe_argv
+        self.probe: asyncio.subprocess.Process | None = None
 
     async def _publish_all(self, pool: list[Any], targets: list[list[Target]]
                            ) -> tuple[float, float]:
+        if self.probe_argv is not None:  # B's own light clients, timed by their own process
+            self.probe = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, *self.probe_argv, stdout=subprocess.PIPE)
         async def kill() -> None:
             await asyncio.sleep(self.kill_after)
             self.before_kill = streams_per_node(self.subs, time.time())
@@ -164,6 +177,29 @@ class StormBench(Bench):
             return await super()._publish_all(pool, targets)
         finally:
             await killer
+
+
+class ProbeBench(Bench):
+    subscriber_class = NodeSubscriber
+
+
+def run_probe(url: str, seconds: float) -> int:
+    """The probe's process: PROBE_CLIENTS streams on ``url``, PROBE_RATE messages a second
+    for ``seconds``; prints its deliveries' (wall time, latency ms) and its loss."""
+    opts = parse_args(["--url", url, "--clients", str(PROBE_CLIENTS),
+                       "--messages", str(int(PROBE_RATE * seconds)), "--rate", str(PROBE_RATE),
+                       "--publishers", "2", "--settle-seconds", "30",
+                       "--room-prefix", "storm-probe-", "-q"])
+    bench = ProbeBench(opts, lambda line: None)
+    report = asyncio.run(bench.run())
+    subs = [s for s in bench.subs if isinstance(s, NodeSubscriber)]
+    print(json.dumps({
+        "deliveries": [[t, ms] for s in subs
+                       for t, ms in zip(s.delivery_times, s.delivery_ms, strict=True)],
+        **{k: report[k] for k in ("sent", "acked", "expected", "delivered", "lost",
+                                  "duplicates", "out_of_order", "connect_errors",
+                                  "status_counts")}}))
+    return 0
 
 
 def streams_per_node(subs: Sequence[Subscriber], when: float) -> dict[str, int]:
@@ -183,9 +219,22 @@ def seconds_summary(values: list[float]) -> dict[str, float | None]:
 
 
 def window_latency(subs: list[NodeSubscriber], start: float, end: float) -> dict[str, Any]:
-    values = [ms for s in subs for t, ms in zip(s.delivery_times, s.delivery_ms, strict=True)
-              if start <= t < end]
+    return window_of([(t, ms) for s in subs
+                      for t, ms in zip(s.delivery_times, s.delivery_ms, strict=True)],
+                     start, end)
+
+
+def window_of(deliveries: Sequence[Sequence[float]], start: float, end: float
+              ) -> dict[str, Any]:
+    values = [ms for t, ms in deliveries if start <= t < end]
     return {"deliveries": len(values), **latency_summary(values)}
+
+
+def analyse_probe(probe: dict[str, Any], kill: float, window: float) -> dict[str, Any]:
+    deliveries = probe.pop("deliveries")
+    return {**probe, "clients": PROBE_CLIENTS, "rate": PROBE_RATE,
+            "latency_ms_storm_window": window_of(deliveries, kill, kill + window),
+            "latency_ms_before_kill": window_of(deliveries, kill - window, kill)}
 
 
 def analyse(bench: StormBench, report: dict[str, Any]) -> dict[str, Any]:
@@ -243,19 +292,24 @@ def target_check(result: dict[str, Any], retry_ms: int) -> dict[str, Any]:
     bound = round(retry_ms * 1.5 / 1000 + 5, 3)
     resumed = result["all_of_a_reopened_on_b_seconds"]
     not_resumed = result["clients_of_a_not_resumed_on_b"]
-    during = result["b_clients_latency_ms_storm_window"]["p99"]
-    before = result["b_clients_latency_ms_before_kill"]["p99"]
+    probe = result["b_probe"]
+    during = probe["latency_ms_storm_window"]["p99"]
+    before = probe["latency_ms_before_kill"]["p99"]
     checks = {
         "all_of_a_resumed_in_time": {
             "ok": result["clients_of_a"] > 0 and not_resumed == 0 and resumed <= bound,
             "seconds": resumed, "bound_seconds": bound, "retry_ms": retry_ms,
             "clients_of_a": result["clients_of_a"], "not_resumed": not_resumed},
-        "none_lost": {"ok": result["lost"] == 0, "lost": result["lost"]},
-        "none_duplicated": {"ok": result["duplicates"] == 0,
-                            "duplicates": result["duplicates"]},
+        "none_lost": {"ok": result["lost"] == 0 and probe["lost"] == 0,
+                      "lost": result["lost"], "probe_lost": probe["lost"]},
+        "none_duplicated": {"ok": result["duplicates"] == 0 and probe["duplicates"] == 0,
+                            "duplicates": result["duplicates"],
+                            "probe_duplicates": probe["duplicates"]},
         "b_p99_in_storm": {"ok": during is not None and during <= B_P99_TARGET_MS,
                            "p99_ms": during, "bound_ms": B_P99_TARGET_MS,
-                           "p99_ms_before_kill": before},
+                           "p99_ms_before_kill": before,
+                           "bench_clients_of_b_p99_ms":
+                               result["b_clients_latency_ms_storm_window"]["p99"]},
     }
     return {"pass": all(c["ok"] for c in checks.values()), **checks}
 
@@ -331,7 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "retry: (every rtchat stream and nginx's come-back answer send one)")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="give up on the run after this long (default 300)")
+    p.add_argument("--probe", metavar="URL", help=argparse.SUPPRESS)  # the probe's process
     args = p.parse_args(argv)
+    if args.probe:
+        return run_probe(args.probe, args.send_seconds)
     if not 0 < args.kill_after < args.send_seconds:
         p.error("--kill-after must be inside the sending time")
     messages = int(args.rate * args.send_seconds)
@@ -359,9 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "--publishers", str(PUBLISHERS), "--room-prefix", "storm-"])
 
         async def go() -> dict[str, Any]:
-            bench = StormBench(opts, nodes[0], args.kill_after)
+            bench = StormBench(opts, nodes[0], args.kill_after,
+                               ["--probe", nodes[1].url, "--send-seconds", str(args.send_seconds)])
             report = await asyncio.wait_for(bench.run(), args.max_seconds)
             result = analyse(bench, report)
+            assert bench.probe is not None
+            out, _ = await asyncio.wait_for(bench.probe.communicate(), args.max_seconds)
+            result["b_probe"] = analyse_probe(json.loads(out), bench.killed_at,
+                                              result["all_of_a_reopened_on_b_seconds"])
             result["nginx"] = nginx_events(nginx.log_path,
                                            {node.port: node.node_id for node in nodes})
             # Why the survivor refused streams during the storm (a 503 sends nginx on).
