@@ -39,7 +39,6 @@ from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_t
 
 log = logging.getLogger("rtchat.broker.redis")
 
-READ_POLL = 1.0  # the reader wakes at least this often
 
 _PROBE = object()  # the expectation token of the probe channel's confirmation
 
@@ -77,8 +76,11 @@ class Subscription:
         self._listener = listener
         # A Retry that handles no error at all: even with 0 retries, redis-py's PubSub
         # would reconnect and resubscribe in its failure handler before re-raising.
+        # No socket timeout: the reader waits for the next message without a timer (a
+        # timer per message was a fifth of the reading); a silent endpoint is found by
+        # the probe, and the commands sent here are bounded by ``_write``.
         self._client = aioredis.Redis.from_url(
-            endpoint.url, decode_responses=True, protocol=2, socket_timeout=SOCKET_TIMEOUT,
+            endpoint.url, decode_responses=True, protocol=2, socket_timeout=None,
             socket_connect_timeout=SOCKET_TIMEOUT, health_check_interval=0,
             retry=Retry(NoBackoff(), 0, supported_errors=()),
             client_name=client_name, driver_info=None)
@@ -114,9 +116,9 @@ class Subscription:
         if self.sharded:
             # One SSUBSCRIBE per channel: one command may only name channels of one slot.
             for name in names:
-                await self._pubsub.ssubscribe(name)
+                await self._write(self._pubsub.ssubscribe(name))
         else:
-            await self._pubsub.subscribe(*names)
+            await self._write(self._pubsub.subscribe(*names))
         self._task = asyncio.create_task(self._read(), name=f"redis-sub-{self.endpoint.label}")
 
     async def wait_opened(self) -> None:
@@ -132,19 +134,22 @@ class Subscription:
 
     async def _send(self, channel: str, token: object, subscribe: bool) -> None:
         self._expect.setdefault(channel, deque()).append(token)
+        pubsub = self._pubsub
         try:
             if self.sharded:
-                if subscribe:
-                    await self._pubsub.ssubscribe(channel)
-                else:
-                    await self._pubsub.sunsubscribe(channel)
-            elif subscribe:
-                await self._pubsub.subscribe(channel)
+                await self._write(pubsub.ssubscribe(channel) if subscribe
+                                  else pubsub.sunsubscribe(channel))
             else:
-                await self._pubsub.unsubscribe(channel)
-        except (RedisError, OSError) as e:
+                await self._write(pubsub.subscribe(channel) if subscribe
+                                  else pubsub.unsubscribe(channel))
+        except (RedisError, OSError) as e:  # a timeout (TimeoutError) included
             self.kill(f"connection lost: {error_text(e)}")
             raise
+
+    @staticmethod
+    async def _write(command: Any) -> None:
+        """Send a command; its reply comes to the reader. At most SOCKET_TIMEOUT."""
+        await asyncio.wait_for(command, SOCKET_TIMEOUT)
 
     def kill(self, reason: str) -> None:
         """Mark dead (first reason wins) and tell the listener."""
@@ -196,6 +201,9 @@ class Subscription:
     # -- the reader ------------------------------------------------------------------
 
     async def _read(self) -> None:
+        """Read replies straight from the connection, without ``PubSub.get_message``'s
+        retry wrapper and per-read timer: with no socket timeout the read waits for the
+        next reply, however long. A dead subscription's reader is cancelled by ``close``."""
         pubsub = self._pubsub
         try:
             while self.dead is None:
@@ -203,7 +211,8 @@ class Subscription:
                 if conn is None or not conn.is_connected:
                     # redis-py would reconnect and resubscribe silently, skipping catch-up.
                     raise RedisConnectionError("pub/sub connection closed")
-                msg = await pubsub.get_message(timeout=READ_POLL)
+                reply = await conn.read_response(disconnect_on_error=False, push_request=True)
+                msg = await pubsub.handle_message(reply)
                 if msg is not None:
                     await self._handle(msg)
         except asyncio.CancelledError:
