@@ -175,9 +175,12 @@ async def test_verdict_goes_degraded_on_both_nodes_when_a_replica_dies_and_back(
 
     victim = replicas[0]
     victim.kill()
-    sts = await both_until([a, b], same("degraded"), "both nodes degraded, with the same reasons")
+    # Each node finds the dead replica on its own health round: until both have, the
+    # reason ends in "(seen by ...)", on both nodes alike.
+    dead = f"replica {host_port(victim.url)} unhealthy: unreachable"
+    sts = await both_until([a, b], lambda s: same("degraded")(s) and dead in verdicts(s)[0]["reasons"],
+                           "both nodes degraded, with the same reasons, each seeing the dead replica")
     reasons = sts[0]["verdict"]["reasons"]
-    assert f"replica {host_port(victim.url)} unhealthy: unreachable" in reasons
     assert "no spare replica left: 1 of 2 replicas healthy" in reasons
     for st in sts:
         row = next(e for e in st["redis"]["endpoints"] if e["url"] == victim.url)
