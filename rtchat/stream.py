@@ -36,12 +36,11 @@ class Stream:
     """
 
     __slots__ = (
-        "_closed_waiter", "_dirty", "_end_when_sent", "_held", "_inflight", "_key_skip",
-        "_on_closed", "_on_ready", "_progress", "_queue", "_queued_bytes", "_sink", "_writing",
-        "abort", "close_reason", "closed", "connected_at", "cursor", "end", "expires", "head",
-        "id",
-        "last_event_id", "max_bytes", "max_queue", "nick", "presence_count", "remote", "room",
-        "rooms", "user", "user_agent", "write_started",
+        "_dirty", "_end_when_sent", "_held", "_inflight", "_key_skip", "_on_closed", "_on_ready",
+        "_progress", "_queue", "_queued_bytes", "_sink", "_writing", "abort", "close_reason",
+        "closed", "connected_at", "cursor", "end", "expires", "head", "id", "last_event_id",
+        "max_bytes", "max_queue", "nick", "presence_count", "remote", "room", "rooms", "user",
+        "user_agent", "write_started",
     )
 
     def __init__(self, room: str, nick: str, remote: str, user_agent: str, max_queue: int,
@@ -90,7 +89,6 @@ class Stream:
         self._dirty = False
         # Told when this stream has frames to write; the hub batches these per loop turn.
         self._on_ready = on_ready
-        self._closed_waiter: asyncio.Future[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -236,13 +234,6 @@ class Stream:
         else:
             self.write_pending()
 
-    async def wait_closed(self) -> None:
-        """Returns once the stream is closed, by either side."""
-        if self.closed:
-            return
-        self._closed_waiter = asyncio.get_running_loop().create_future()
-        await self._closed_waiter
-
     def close(self, reason: str, abort: bool = False) -> None:
         """End the stream. ``abort`` also drops the connection (the client cannot keep up)."""
         if self.closed:
@@ -253,9 +244,6 @@ class Stream:
         self._queued_bytes = 0
         if abort and self.abort is not None:
             self.abort()
-        waiter = self._closed_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         # A close must complete whatever a callback does: it runs inside the hub's loops.
         if self._on_closed is not None:
             try:

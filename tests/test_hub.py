@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conftest import make_config
+from probes import async_wait_for
 
 from rtchat import hub as hub_mod
 from rtchat.broker.base import replay_is_complete
@@ -126,15 +127,14 @@ def test_a_failed_write_closes_the_stream() -> None:
     asyncio.run(go())
 
 
-def test_close_wakes_whoever_waits_for_the_end() -> None:
-    async def go() -> None:
-        s = make_stream()
-        waiting = asyncio.ensure_future(s.wait_closed())
-        await asyncio.sleep(0)
-        s.close("admin_disconnect")
-        await asyncio.wait_for(waiting, 1)
-        assert s.close_reason == "admin_disconnect"
-    asyncio.run(go())
+def test_close_tells_whoever_waits_for_the_end_once() -> None:
+    s = make_stream()
+    ended: list[str] = []
+    s.end = lambda: ended.append(s.close_reason)
+    s.close("admin_disconnect")
+    s.close("client_gone")
+    assert ended == ["admin_disconnect"]
+    assert s.close_reason == "admin_disconnect"
 
 
 def test_rooms_subscribe_on_first_and_unsubscribe_on_last_after_a_delay(monkeypatch) -> None:
@@ -225,12 +225,6 @@ def test_a_big_rooms_presence_is_told_at_a_paced_rate(monkeypatch) -> None:
 
     monkeypatch.setattr(presence, "TELL_PER_SECOND", 10)  # 5 streams: one broadcast per 0.5 s
 
-    async def until(check, timeout: float = 5.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not check():
-            assert asyncio.get_running_loop().time() < deadline, "timed out"
-            await asyncio.sleep(0.01)
-
     def counts(sink: RecordingSink) -> list[int]:
         text = b"".join(sink.writes).decode()
         return [int(line.split('"count":')[1].split("}")[0])
@@ -245,7 +239,8 @@ def test_a_big_rooms_presence_is_told_at_a_paced_rate(monkeypatch) -> None:
             for i in range(4):  # a crowd: 5 streams
                 joined = await stack.enter_async_context(connected(hub, "room", f"n{i}"))
                 assert f'"count":{i + 2}'.encode() in joined.head[-1]
-            await until(lambda: counts(sink)[-1:] == [5])
+            await async_wait_for(lambda: counts(sink)[-1:] == [5], 5, "the count of 5",
+                                 interval=0.01)
             told = len(counts(sink))
             # Five more join over a second: unpaced, that is a broadcast per 0.25 s batch;
             # paced (a 0.6-1 s pause at 6-10 streams), at most two. The last count told
@@ -253,6 +248,7 @@ def test_a_big_rooms_presence_is_told_at_a_paced_rate(monkeypatch) -> None:
             for i in range(5):
                 await stack.enter_async_context(connected(hub, "room", f"m{i}"))
                 await asyncio.sleep(0.2)
-            await until(lambda: counts(sink)[-1:] == [10])
+            await async_wait_for(lambda: counts(sink)[-1:] == [10], 5, "the count of 10",
+                                 interval=0.01)
             assert len(counts(sink)) - told <= 2, counts(sink)
     asyncio.run(go())
