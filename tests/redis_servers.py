@@ -228,6 +228,11 @@ FAST_HEALTH = {
     "limits.rate.messages_per_second": 100000,
 }
 
+# For tests that assert ``replicated is True``: the default 50 ms WAIT can run out on a
+# loaded machine (a fsync with appendfsync always, a replica's turn on a busy core), which
+# says nothing about whether the write reached a replica.
+PATIENT_ACKS = {"broker.redis.replica_ack_timeout_ms": 3000}
+
 
 def redis_node_config(master: RedisServer, replicas: list[RedisServer], node_id: str,
                       **extra: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from broker_inbox import Inbox
 from probes import async_wait_for, require_tool
-from redis_servers import SERVICE, RedisServer
+from redis_servers import PATIENT_ACKS, SERVICE, RedisServer
 
 from rtchat import config
 from rtchat.broker.base import BrokerUnavailable, EndpointStatus, Presence, Published
@@ -140,7 +140,7 @@ def test_publish_history_and_gap_rules(cluster: tuple[RedisServer, ...]) -> None
     master, r1, r2 = cluster
 
     async def scenario() -> None:
-        async with running(redis_config(master, [r1, r2])) as (b, inbox):
+        async with running(redis_config(master, [r1, r2], **PATIENT_ACKS)) as (b, inbox):
             await b.subscribe("room")
             pubs = [await b.publish("room", "ann", f"m{i}") for i in range(6)]
             assert all(p.replicated is True for p in pubs)
@@ -219,7 +219,7 @@ def test_replicated_is_none_without_replicas_and_acks_with_them(
             assert (await b.publish("room", "ann", "x")).replicated is None
             assert b.status().subscribed_endpoint == master.url  # no replica: the master
         replica = start_redis(replica_of=master)
-        async with running(redis_config(master, [replica])) as (b, _):
+        async with running(redis_config(master, [replica], **PATIENT_ACKS)) as (b, _):
             assert (await b.publish("room", "ann", "y")).replicated is True
         async with running(redis_config(master, [replica], **{
                 "broker.redis.replica_ack_timeout_ms": 0})) as (b, _):
@@ -463,7 +463,7 @@ def test_master_down_then_back(start_redis: Callable[..., RedisServer]) -> None:
     r1, r2 = start_redis(replica_of=master), start_redis(replica_of=master)
 
     async def scenario() -> None:
-        async with running(redis_config(master, [r1, r2])) as (b, inbox):
+        async with running(redis_config(master, [r1, r2], **PATIENT_ACKS)) as (b, inbox):
             await b.subscribe("room")
             before = await b.publish("room", "ann", "before")
             assert before.replicated is True  # (on one replica: wait for the other too)
@@ -692,7 +692,7 @@ def test_concurrent_sends_share_a_batch_and_each_gets_its_own_answer(
     master, replica, _ = cluster
 
     async def scenario() -> None:
-        async with running(redis_config(master, [replica])) as (broker, inbox):
+        async with running(redis_config(master, [replica], **PATIENT_ACKS)) as (broker, inbox):
             await broker.subscribe("batch")
             results = await asyncio.gather(*(
                 broker.publish("batch", "ann", f"m{i}") for i in range(200)))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from probes import async_wait_for
-from redis_servers import redis_node_config
+from redis_servers import PATIENT_ACKS, redis_node_config
 from sse_client import SSEClient
 
 
@@ -89,7 +89,7 @@ async def assert_exactly_once_in_order(readers: list[list[str]], acked: list[str
 async def test_a_client_on_one_node_receives_what_is_posted_to_the_other(start_node, redis_trio) -> None:
     master, replicas = redis_trio
     a = await start_node(**redis_node_config(master, replicas, "node-a"))
-    b = await start_node(**redis_node_config(master, replicas, "node-b"))
+    b = await start_node(**redis_node_config(master, replicas, "node-b", **PATIENT_ACKS))
     client = await SSEClient.open(a.url, "x")
     try:
         await async_wait_for(lambda: a.hub.client_count == 1)

@@ -24,7 +24,7 @@ from browser import DESKTOP, chromium
 from probes import async_wait_for, require_tool
 from redis.crc import key_slot
 from redis_cluster_servers import RedisCluster
-from redis_servers import RedisServer
+from redis_servers import PATIENT_ACKS, RedisServer
 from sse_client import SSEClient
 
 from rtchat import config
@@ -167,8 +167,9 @@ def reading(broker: ClusterBroker, room: str) -> str | None:
 async def test_two_nodes_rooms_on_every_shard(start_node, redis_cluster) -> None:
     cluster = redis_cluster
     rooms = rooms_on_every_shard(cluster)
-    a = await start_node(**cluster_overrides(cluster, "node-a", **{"admin.password": "s3cret-pw"}))
-    b = await start_node(**cluster_overrides(cluster, "node-b"))
+    a = await start_node(**cluster_overrides(cluster, "node-a", **PATIENT_ACKS,
+                                             **{"admin.password": "s3cret-pw"}))
+    b = await start_node(**cluster_overrides(cluster, "node-b", **PATIENT_ACKS))
     clients = {(node.port, room): await SSEClient.open(node.url, room)
                for node in (a, b) for room in rooms}
     try:
