@@ -42,12 +42,13 @@ from rtchat.broker.base import (
 from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.clusterview import ClusterView
 from rtchat.broker.redis.delivery import Delivery, RoomState, wait_confirmed
-from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text, stop_tasks
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, error_text
 from rtchat.broker.redis.history import History, read_order
 from rtchat.broker.redis.keys import Keys
 from rtchat.broker.redis.publish import MasterReadOnly, Publisher
 from rtchat.broker.redis.sentinel import SentinelWatch
 from rtchat.broker.redis.subscription import Subscription
+from rtchat.broker.redis.tasks import stop_tasks
 from rtchat.broker.redis.topology import Topology, health_rounds
 from rtchat.config import Config, RedisConfig, mask_url
 from rtchat.messages import Message

@@ -27,8 +27,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from rtchat.broker.base import BrokerUnavailable, NodeStats, Presence
-from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, read_first, shared
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, read_first
 from rtchat.broker.redis.keys import Keys
+from rtchat.broker.redis.tasks import shared
 from rtchat.broker.verdict import MISSING_KEPT_SECONDS
 
 log = logging.getLogger("rtchat.broker.redis")

@@ -45,12 +45,13 @@ from rtchat.broker.base import (
 from rtchat.broker.redis.bans import BanList
 from rtchat.broker.redis.cluster import ClusterState
 from rtchat.broker.redis.delivery import Delivery, RoomState, wait_confirmed
-from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth, stop_tasks
+from rtchat.broker.redis.endpoint import SOCKET_TIMEOUT, EndpointHealth
 from rtchat.broker.redis.history import History
 from rtchat.broker.redis.keys import ClusterKeys
 from rtchat.broker.redis.publish import Publisher, Redirected
 from rtchat.broker.redis.shard import Shard
 from rtchat.broker.redis.shard_map import ClusterReader, ShardMap
+from rtchat.broker.redis.tasks import stop_tasks
 from rtchat.broker.redis.topology import health_rounds
 from rtchat.config import Config, RedisConfig
 from rtchat.messages import Message
