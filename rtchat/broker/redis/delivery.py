@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rtchat.broker.base import BrokerUnavailable, Deliver
+from rtchat.broker.redis.tasks import start
 from rtchat.messages import Message, id_key
 
 log = logging.getLogger("rtchat.broker.redis")
@@ -46,7 +48,7 @@ class RoomState:
 
 
 async def wait_confirmed(state: RoomState, timeout: float, rooms: Mapping[str, RoomState],
-                         unsubscribe: Callable[[str], Awaitable[None]],
+                         unsubscribe: Callable[[str], Coroutine[Any, Any, None]],
                          background: set[asyncio.Future[None]]) -> None:
     """Wait until the room's subscription is confirmed. On a timeout, or a caller that
     gives up, the subscribe is rolled back: ``unsubscribe(room)`` runs in the background
@@ -54,9 +56,7 @@ async def wait_confirmed(state: RoomState, timeout: float, rooms: Mapping[str, R
     BrokerUnavailable unless the caller was cancelled."""
     def roll_back() -> None:
         if rooms.get(state.room) is state and not state.ready.done():
-            task = asyncio.ensure_future(unsubscribe(state.room))
-            background.add(task)
-            task.add_done_callback(background.discard)
+            start(unsubscribe(state.room), f"redis-unsubscribe-{state.room}", background)
 
     try:
         await asyncio.wait_for(asyncio.shield(state.ready), timeout)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from rtchat.broker.base import Replay, replay_is_complete
 from rtchat.broker.redis.endpoint import EndpointHealth, read_first
 from rtchat.broker.redis.keys import Keys
+from rtchat.broker.redis.tasks import start
 from rtchat.messages import Message, id_key, valid_id
 
 
@@ -58,6 +59,7 @@ class History:
     def __init__(self, keys: Keys) -> None:
         self._keys = keys
         self._resumes: dict[str, _Resumes] = {}  # per room: the batch not yet read
+        self._reads: set[asyncio.Future[None]] = set()  # the batches being read
 
     async def last(self, eps: list[EndpointHealth], room: str, limit: int) -> list[Message]:
         """The last ``limit`` messages, oldest first."""
@@ -80,8 +82,7 @@ class History:
         batch = self._resumes.get(room)
         if batch is None:
             batch = self._resumes[room] = _Resumes(eps)
-            asyncio.get_running_loop().create_task(self._read_batch(room),
-                                                   name=f"redis-resume-{room}")
+            start(self._read_batch(room), f"redis-resume-{room}", self._reads)
         answer: asyncio.Future[Replay] = asyncio.get_running_loop().create_future()
         batch.waiting.append((last_id, answer))
         return await answer

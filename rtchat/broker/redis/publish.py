@@ -36,6 +36,7 @@ from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, Re
 from rtchat.broker.base import BrokerUnavailable, KeyConflict, Published, content_digest
 from rtchat.broker.redis.endpoint import EndpointHealth, error_text
 from rtchat.broker.redis.keys import Keys
+from rtchat.broker.redis.tasks import start
 from rtchat.messages import Message
 
 
@@ -99,6 +100,7 @@ class Publisher:
         self._sha = hashlib.sha1(self._script.encode("utf-8")).hexdigest()
         self._pending: dict[tuple[EndpointHealth, int, bool], list[_Send]] = {}
         self._flushing: set[tuple[EndpointHealth, int, bool]] = set()
+        self._flushes: set[asyncio.Future[None]] = set()  # their tasks, held until done
         self.batches = 0  # pipelines sent (sends / batches = the mean batch size)
         self.sends = 0
 
@@ -129,7 +131,7 @@ class Publisher:
         self._pending.setdefault(group, []).append(send)
         if group not in self._flushing:
             self._flushing.add(group)
-            asyncio.get_running_loop().create_task(self._flush(group), name="redis-publish")
+            start(self._flush(group), "redis-publish", self._flushes)
         return await asyncio.shield(send.done)  # a cancelled caller leaves its batch whole
 
     async def _flush(self, group: tuple[EndpointHealth, int, bool]) -> None:

@@ -1,7 +1,9 @@
 """The asyncio plumbing both Redis brokers share, apart from what any one part owns.
 
-``stop_tasks`` ends a closing broker's monitor and background tasks;
-``shared`` lets a crowd asking the same read at once share one round trip.
+``start`` runs a task in the background and keeps it until it is done (the
+loop itself holds tasks only weakly); ``stop_tasks`` ends a closing broker's
+monitor and background tasks; ``shared`` lets a crowd asking the same read at
+once share one round trip.
 Knows no Redis: only tasks and futures.
 """
 
@@ -9,10 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def start(coro: Coroutine[Any, Any, None], name: str, running: set[asyncio.Future[None]]
+          ) -> asyncio.Task[None]:
+    """``coro`` as a task, held in ``running`` until it is done."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    running.add(task)
+    task.add_done_callback(running.discard)
+    return task
 
 
 async def stop_tasks(monitor: asyncio.Task[None] | None,
